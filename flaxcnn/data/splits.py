@@ -118,26 +118,29 @@ def speaker_split(
 ) -> SplitIndices:
     """Speaker-disjoint split: every clip of a speaker lands in the same split.
 
-    Speakers are shuffled with ``seed``; test, then val, take whole speakers until they hold at
-    least their fraction of the clips (at least one speaker each), train keeps the rest. Clip
-    counts therefore overshoot the val/test fractions by at most one speaker's clips.
+    Speakers are shuffled with ``seed``. Test, then val, are filled first-fit: walking the
+    shuffled speakers, a speaker joins when its clips still fit the split's share of all clips
+    (the first one always joins, so no split is empty); train keeps every speaker left. Clip
+    fractions thus stay at or under the val/test targets unless one speaker alone exceeds them.
     """
     _, frac_val, frac_test = _check_fractions(fractions)
     names, speaker_ids, counts = np.unique(np.asarray(speakers, dtype=str), return_inverse=True,
                                            return_counts=True)
     if len(names) < 3:
         raise DataError(f"a speaker-disjoint train/val/test split needs at least 3 speakers, got {len(names)}")
-    order = np.random.RandomState(seed).permutation(len(names))
+    unassigned = list(np.random.RandomState(seed).permutation(len(names)))
     assignment = np.zeros(len(names), dtype=np.int64)  # 0 train, 1 val, 2 test
-    n_total, pos = len(speaker_ids), 0
     for split_id, frac in ((2, frac_test), (1, frac_val)):
-        taken = 0
-        while pos < len(order) - 1 and (taken == 0 or taken < frac * n_total):
-            assignment[order[pos]] = split_id
-            taken += counts[order[pos]]
-            pos += 1
-    if pos >= len(order):
-        raise DataError(f"{len(names)} speakers are too few to leave any for training")
+        target, taken, left = frac * len(speaker_ids), 0, []
+        for position, speaker in enumerate(unassigned):
+            # Leave at least one speaker for each split still to fill (val and/or train).
+            room = len(unassigned) - position - 1 + len(left) >= split_id
+            if room and (taken == 0 or taken + counts[speaker] <= target):
+                assignment[speaker] = split_id
+                taken += counts[speaker]
+            else:
+                left.append(speaker)
+        unassigned = left
     clip_split = assignment[speaker_ids]
     return SplitIndices(*(np.flatnonzero(clip_split == k).astype(np.int64) for k in range(3)))
 

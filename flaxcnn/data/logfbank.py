@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import decimal
 import math
+from collections.abc import Iterable
 from functools import lru_cache, partial
+from itertools import islice
 
 import jax
 import jax.numpy as jnp
@@ -119,18 +121,20 @@ def fit_length(samples: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:
     return np.pad(samples, pad)
 
 
-def clips_to_features(clips: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+def clips_to_features(clips: Iterable[np.ndarray], batch_size: int = 256) -> np.ndarray:
     """Features (N, 99, 26) float32 of int16 clips of any length, padded/trimmed to 1 s.
 
-    Batches have a fixed size (the last one zero-padded) so the jitted function compiles once.
+    ``clips`` may be a generator: only one batch of signals is held at a time, so a whole
+    Speech Commands release (~105k clips) streams from disk. Every batch has the same size
+    (the last one zero-padded) so the jitted function compiles once.
     """
-    if not clips:
-        return np.zeros((0, frame_geometry(CLIP_SAMPLES)[2], NFILT), np.float32)
-    signals = np.stack([fit_length(np.asarray(c, dtype=np.float32)) for c in clips])
-    size = min(batch_size, len(signals))
+    iterator = iter(clips)
     out = []
-    for start in range(0, len(signals), size):
-        chunk = signals[start:start + size]
-        padded = np.pad(chunk, ((0, size - len(chunk)), (0, 0)))
-        out.append(np.asarray(logfbank(padded))[: len(chunk)])
+    while batch := [fit_length(np.asarray(c, dtype=np.float32)) for c in islice(iterator, batch_size)]:
+        signals = np.stack(batch)
+        if out:  # a short last batch reuses the compiled full-batch shape
+            signals = np.pad(signals, ((0, batch_size - len(batch)), (0, 0)))
+        out.append(np.asarray(logfbank(signals))[: len(batch)])
+    if not out:
+        return np.zeros((0, frame_geometry(CLIP_SAMPLES)[2], NFILT), np.float32)
     return np.concatenate(out, axis=0)

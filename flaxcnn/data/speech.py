@@ -274,7 +274,7 @@ def read_wav_folder(root: Path) -> SpeechArrays:
     entries = scan_wav_folder(folder)
     names = _wav_class_names(root, folder, sorted({e.word for e in entries}))
     label_of = {name: i for i, name in enumerate(names)}
-    features = clips_to_features([read_wav(folder / e.relpath) for e in entries])
+    features = clips_to_features(read_wav(folder / e.relpath) for e in entries)
     relpaths = [e.relpath for e in entries]
     return SpeechArrays(
         features=features,

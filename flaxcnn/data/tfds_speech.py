@@ -52,15 +52,19 @@ def read_tfds_speech(data_dir: Path) -> tuple[np.ndarray, np.ndarray, tuple[str,
             f"time); prepare it once where internet is available: tfds build {BUILDER} "
             f"--data_dir {data_dir}"
         )
-    clips: list[np.ndarray] = []
     labels: list[int] = []
     sizes: list[int] = []
-    for split in TFDS_SPLITS:
-        examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
-        clips.extend(np.asarray(ex["audio"]) for ex in examples)
-        labels.extend(int(ex["label"]) for ex in examples)
-        sizes.append(len(examples))
+
+    def audio():  # streams clips so only one batch of audio is in memory at a time
+        for split in TFDS_SPLITS:
+            sizes.append(0)
+            for example in tfds.as_numpy(builder.as_dataset(split=split)):
+                labels.append(int(example["label"]))
+                sizes[-1] += 1
+                yield example["audio"]
+
+    features = clips_to_features(audio())
     bounds = np.cumsum([0, *sizes])
     official = SplitIndices(*(np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(3)))
     names = tuple(builder.info.features["label"].names)
-    return clips_to_features(clips), np.asarray(labels, dtype=np.int64), names, official
+    return features, np.asarray(labels, dtype=np.int64), names, official

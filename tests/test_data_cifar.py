@@ -237,6 +237,15 @@ def test_restricted_loader_still_reads_numpy_arrays(tmp_path):
         assert got["s"] == 7 and got["l"] == [b"x", "y", 1]
 
 
+def test_restricted_loader_reads_numpy1_module_names(tmp_path):
+    """Files written by numpy 1.x name ``numpy.core.multiarray`` instead of ``numpy._core``."""
+    data = pickle.dumps({b"data": np.arange(4, dtype=np.uint8)}, protocol=2)
+    assert b"numpy._core.multiarray\n" in data  # protocol 2: GLOBAL opcodes are plain text lines
+    path = tmp_path / "old"
+    path.write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    np.testing.assert_array_equal(load_restricted(path)[b"data"], np.arange(4))
+
+
 def test_missing_folder_says_what_is_accepted(tmp_path):
     with pytest.raises(DataError) as err:
         load_cifar(tmp_path / "nowhere")

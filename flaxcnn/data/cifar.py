@@ -7,9 +7,10 @@ What the CIFAR-2 lab does, and what is done here instead:
 - it builds its "validation" set from the training set, so its val accuracy is training
   accuracy: here ``test`` is the real ``test_batch``, and ``val_fraction`` optionally holds out
   a seeded, stratified part of train as ``val``;
-- it computes per-channel mean/std and then trains on un-normalised tensors: here the mean/std
-  of the selected training images (``ddof=1`` as torch's ``std``) are applied to every split
-  unless ``normalize=False``, and recorded in ``Dataset.info``.
+- it computes per-channel mean/std (over all ten classes of the training set) and then trains
+  on un-normalised tensors: here the mean/std of the *selected* training images (``ddof=1`` as
+  torch's ``std``) are applied to every split unless ``normalize=False``, and recorded in
+  ``Dataset.info``; they are the statistics of the data the model actually sees.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ def batch_slices(n: int, batch_size: int, *, drop_last: bool = False) -> list[sl
     return [slice(i, min(i + batch_size, n)) for i in range(0, stop, batch_size)]
 
 
-def iter_index_batches(order: np.ndarray, batch_size: int, *, drop_last: bool = False) -> Iterator[np.ndarray]:
+def iter_index_batches(
+    order: np.ndarray, batch_size: int, *, drop_last: bool = False
+) -> Iterator[np.ndarray]:
     """Index arrays of one epoch in ``order`` (e.g. :func:`epoch_permutation`), batch by batch."""
     for s in batch_slices(len(order), batch_size, drop_last=drop_last):
         yield order[s]

@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-2 as a :class:`~flaxcnn.data.arrays.Dataset`: the one entry point, :func:`load_cifar`.
+"""CIFAR-10 / CIFAR-2 as a :class:`~flaxcnn.data.arrays.Dataset`; entry point :func:`load_cifar`.
 
 What the CIFAR-2 lab does, and what is done here instead:
 

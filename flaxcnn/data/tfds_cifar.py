@@ -78,7 +78,9 @@ def _read_split(tfds: Any, folder: Path, split: str) -> tuple[np.ndarray, np.nda
             f"needs: {PREPARE_HINT} into another folder ({e})"
         ) from e
     except Exception as e:  # noqa: BLE001 - tfds raises many types for a missing/broken folder
-        raise DataError(f"cannot open tfds {TFDS_NAME} split {split!r} in {folder}: {e}; {PREPARE_HINT}") from e
+        raise DataError(
+            f"cannot open tfds {TFDS_NAME} split {split!r} in {folder}: {e}; {PREPARE_HINT}"
+        ) from e
     # Each record is a PNG decoded on access; reading them one by one is inherent to the format.
     examples = list(source)
     if not examples:
@@ -86,6 +88,9 @@ def _read_split(tfds: Any, folder: Path, split: str) -> tuple[np.ndarray, np.nda
     images = np.stack([np.asarray(ex["image"]) for ex in examples])
     labels = np.asarray([ex["label"] for ex in examples], dtype=np.int64)
     if images.shape[1:] != (32, 32, 3):
-        raise DataError(f"tfds {TFDS_NAME} in {folder}: images have shape {images.shape[1:]}, expected (32, 32, 3)")
+        raise DataError(
+            f"tfds {TFDS_NAME} in {folder}: images have shape {images.shape[1:]}, "
+            "expected (32, 32, 3)"
+        )
     names = class_names_or_default(list(source.dataset_info.features["label"].names))
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels, names

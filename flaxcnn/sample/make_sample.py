@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
                                     ("test", (TEST_FILE,), args.test_per_class)):
         x, y, files = read_files(folder, names)
         keep = first_per_class(y, args.classes, per_class)
-        out[f"{split}_x"], out[f"{split}_y"], out[f"{split}_files"] = x[keep], y[keep].astype(np.uint8), files[keep]
+        out[f"{split}_x"] = x[keep]
+        out[f"{split}_y"] = y[keep].astype(np.uint8)
+        out[f"{split}_files"] = files[keep]
     np.savez_compressed(args.out, **out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): "
           + ", ".join(f"{k} {v.shape}" for k, v in out.items()))

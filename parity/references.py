@@ -1,0 +1,162 @@
+"""The labs' PyTorch classes, as the notebooks define them (plus ``num_classes``).
+
+These are the references the Flax modules are proven equal to. Quirks are kept on purpose:
+``NetDropout`` applies ``nn.Dropout2d`` to the 2-D ``fc1`` output (PyTorch 2.x warns and does
+element-wise dropout); ``ConvNet`` has no activation after ``fc1``. The one exception is
+``NetDepth``, whose lab text cannot train (see ``NetDepthAsWritten``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# NetDropout's Dropout2d on a 2-D tensor is the lab's own code; its warning is expected.
+warnings.filterwarnings("ignore", message=".*dropout2d.*", category=UserWarning)
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(16, 8, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(8 * 8 * 8, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        out = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        out = F.max_pool2d(torch.tanh(self.conv2(out)), 2)
+        out = out.view(-1, 8 * 8 * 8)
+        out = torch.tanh(self.fc1(out))
+        out = self.fc2(out)
+        return out
+
+
+class NetWidth(nn.Module):
+    def __init__(self, n_chans1: int = 32, num_classes: int = 2):
+        super().__init__()
+        self.n_chans1 = n_chans1
+        self.conv1 = nn.Conv2d(3, n_chans1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(n_chans1, n_chans1 * 2, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(n_chans1 * 2 * 8 * 8, n_chans1 * 4)
+        self.fc2 = nn.Linear(n_chans1 * 4, num_classes)
+
+    def forward(self, x):
+        out = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        out = F.max_pool2d(torch.tanh(self.conv2(out)), 2)
+        out = out.view(-1, self.n_chans1 * 2 * 8 * 8)
+        out = torch.tanh(self.fc1(out))
+        out = self.fc2(out)
+        return out
+
+
+class NetDepthAsWritten(nn.Module):
+    """Lab 8's NetDepth verbatim: no pool after conv2, so ``view`` folds each image into 4 rows."""
+
+    def __init__(self, n_chans1: int = 32, num_classes: int = 2):
+        super().__init__()
+        self.n_chans1 = n_chans1
+        self.conv1 = nn.Conv2d(3, n_chans1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(n_chans1, n_chans1, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(n_chans1, n_chans1, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(n_chans1 * 4 * 4, n_chans1 * 4)
+        self.fc2 = nn.Linear(n_chans1 * 4, num_classes)
+
+    def forward(self, x):
+        out = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        out = torch.tanh(self.conv2(out))
+        out = F.max_pool2d(torch.tanh(self.conv3(out)), 2)
+        out = out.view(-1, self.n_chans1 * 4 * 4)
+        out = torch.tanh(self.fc1(out))
+        out = self.fc2(out)
+        return out
+
+
+class NetDepth(NetDepthAsWritten):
+    """Lab 8's NetDepth with the max-pool after conv2 that its ``fc1`` size implies."""
+
+    def forward(self, x):
+        out = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        out = F.max_pool2d(torch.tanh(self.conv2(out)), 2)
+        out = F.max_pool2d(torch.tanh(self.conv3(out)), 2)
+        out = out.view(-1, self.n_chans1 * 4 * 4)
+        out = torch.tanh(self.fc1(out))
+        out = self.fc2(out)
+        return out
+
+
+class NetDropout(nn.Module):
+    def __init__(self, n_chans1: int = 32, num_classes: int = 2):
+        super().__init__()
+        self.n_chans1 = n_chans1
+        self.conv1 = nn.Conv2d(3, n_chans1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(n_chans1, n_chans1, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(n_chans1 * 8 * 8, n_chans1 * 4)
+        self.fc2 = nn.Linear(n_chans1 * 4, num_classes)
+        self.dropout = nn.Dropout2d(p=0.5)
+
+    def forward(self, x):
+        out = F.max_pool2d(torch.tanh(self.conv1(x)), 2)
+        out = self.dropout(out)
+        out = F.max_pool2d(torch.tanh(self.conv2(out)), 2)
+        out = out.view(-1, self.n_chans1 * 8 * 8)
+        out = torch.tanh(self.fc1(out))
+        out = self.dropout(out)
+        out = self.fc2(out)
+        return out
+
+
+class NetBatchNorm(nn.Module):
+    def __init__(self, n_chans1: int = 32, num_classes: int = 2):
+        super().__init__()
+        self.n_chans1 = n_chans1
+        self.conv1 = nn.Conv2d(3, n_chans1, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(n_chans1)
+        self.conv2 = nn.Conv2d(n_chans1, n_chans1, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(n_chans1)
+        self.fc1 = nn.Linear(n_chans1 * 8 * 8, n_chans1 * 4)
+        self.fc2 = nn.Linear(n_chans1 * 4, num_classes)
+        self.dropout = nn.Dropout(p=0.5)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = torch.tanh(out)
+        out = F.max_pool2d(out, 2)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = torch.tanh(out)
+        out = F.max_pool2d(out, 2)
+
+        out = out.view(-1, self.n_chans1 * 8 * 8)
+        out = self.fc1(out)
+        out = torch.tanh(out)
+        out = self.dropout(out)
+        out = self.fc2(out)
+        return out
+
+
+class ConvNet(nn.Module):
+    def __init__(self, num_classes: int = 35):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels=1, out_channels=10, kernel_size=10, stride=1, padding=0)
+        self.pooling = nn.MaxPool2d(4)
+        self.conv1_drop = nn.Dropout2d(p=0.2)
+        self.drop1 = nn.Dropout(p=0.2)
+        self.fc1 = nn.Linear(880, 100)
+        self.fc2 = nn.Linear(100, num_classes)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.relu(self.pooling(x))
+        x = self.conv1_drop(x)
+        x = x.view(-1, 880)
+        x = self.fc1(x)
+        x = self.drop1(x)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)

@@ -1,0 +1,226 @@
+"""The ``flaxcnn`` command: train, evaluate, lr-find, export, parity, presets, models."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from flaxcnn.errors import ConfigError, FlaxcnnError
+
+
+def _classes(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--classes takes comma-separated CIFAR-10 label ids, e.g. 3,5; got {text!r}")
+    return ids
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    from flaxcnn.data import DATASETS
+    from flaxcnn.models.registry import MODELS
+
+    p.add_argument("--preset", help="a named lab run (see `flaxcnn presets`); explicit options override it")
+    p.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default net)")
+    p.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)} (default cifar2)")
+    p.add_argument("--classes", type=_classes, help="CIFAR-10 label ids to train on, e.g. 3,5 (default 0,2)")
+    p.add_argument("--data-dir", help="data folder; CIFAR without it: a tfds copy if prepared, else the shipped sample")
+    p.add_argument("--split", choices=["lab", "speaker", "official"], help="speech split (default lab)")
+    p.add_argument("--val-fraction", type=float, help="CIFAR: hold out this fraction of train as validation")
+    p.add_argument("--epochs", type=int, help="default 100 (lab 8) / 150 (speech)")
+    p.add_argument("--batch-size", type=int, help="default 64 (lab 8) / 256 (speech)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0 for lab 8, 0.9 for speech)")
+    p.add_argument("--weight-decay", type=float, help="torch SGD weight_decay")
+    p.add_argument("--l2", type=float, help="lab 8's explicit penalty lambda * sum of parameter L2 norms")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--init", choices=["torch", "flax"], help="weight init (default torch's)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=None,
+                   help="keep the training order fixed (the speech lab's DataLoader does not shuffle)")
+    p.add_argument("--path", choices=["auto", "step", "scan"], help="training loop path (default: by backend)")
+    p.add_argument("--checkpoint-every", type=int, help="save the latest checkpoint every N epochs (default 1)")
+
+
+_FIELDS = {"model": "model", "dataset": "dataset", "classes": "classes", "data_dir": "data_dir", "split": "split",
+           "val_fraction": "val_fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+           "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "seed": "seed", "init": "init",
+           "shuffle": "shuffle", "path": "path", "checkpoint_every": "checkpoint_every"}
+
+
+def config_from_args(args: argparse.Namespace):
+    from flaxcnn.train.config import TrainConfig, apply_preset
+
+    config = TrainConfig()
+    if args.preset:
+        config = apply_preset(config, args.preset)
+    overrides = {field: getattr(args, name) for name, field in _FIELDS.items()
+                 if getattr(args, name, None) is not None}
+    config = dataclasses.replace(config, **overrides)
+    if config.dataset == "speech" and "model" not in overrides and not args.preset:
+        config = dataclasses.replace(config, model="convnet")  # the speech lab's network
+    out = getattr(args, "out", None) or f"runs/{config.model}-{config.dataset}"
+    config = dataclasses.replace(config, out=out)
+    config.validate()
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flaxcnn.train.loop import fit
+
+    config = config_from_args(args)
+    if args.lr_find:
+        from flaxcnn.train.lr_finder import find_lr
+
+        result = find_lr(config, quiet=args.quiet)
+        config = dataclasses.replace(config, lr=result.suggestion)
+        print(f"training with the suggested learning rate {result.suggestion:.3g}")
+    fit(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flaxcnn.train.loop import load_run
+
+    session, state, epoch = load_run(args.run, args.checkpoint, data_dir=args.data_dir)
+    result = {"run": args.run, "checkpoint": args.checkpoint, "epoch": epoch, "model": session.config.model,
+              "dataset": session.dataset.name}
+    for split in ("train", "val", "test"):
+        if split in session.device_arrays:
+            metrics = session.evaluate(state, split)
+            result[f"{split}_accuracy"] = metrics["accuracy"]
+            result[f"{split}_loss"] = metrics["loss"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.run} ({args.checkpoint} checkpoint, epoch {epoch}): " + "  ".join(
+            f"{s} acc {result[f'{s}_accuracy']:.4f} loss {result[f'{s}_loss']:.4f}"
+            for s in ("train", "val", "test") if f"{s}_accuracy" in result))
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from flaxcnn.train.loop import fit
+    from flaxcnn.train.lr_finder import find_lr
+
+    config = config_from_args(args)
+    result = find_lr(config, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter,
+                     diverge_th=args.diverge_th, smooth_f=args.smooth_f, out=args.plot, quiet=args.quiet)
+    print(f"suggested learning rate: {result.suggestion:.4g}  ({len(result.lrs)} steps"
+          f"{', stopped at divergence' if result.diverged else ''}; plot: {result.plot})")
+    if args.apply:
+        fit(dataclasses.replace(config, lr=result.suggestion), resume=False, quiet=args.quiet)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from flaxcnn import convert
+    from flaxcnn.train.loop import load_run
+    from flaxcnn.train.state import to_model
+
+    session, state, epoch = load_run(args.run, args.checkpoint)
+    model = to_model(session.graphs, state)
+    torch.save(convert.to_torch_state_dict(model), args.out)
+    print(f"wrote {args.out}: state_dict of {session.config.model} ({args.checkpoint} checkpoint, epoch {epoch}); "
+          f"load it with {session.spec.torch_reference.replace(':', '.')}"
+          f"(num_classes={session.config.num_classes or session.dataset.num_classes}).load_state_dict("
+          f"torch.load(path, weights_only=True))")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from parity.__main__ import main as parity_main
+
+    return parity_main(([] if args.json is None else ["--json", args.json]) + (["--models", *args.models]
+                                                                                  if args.models else []))
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from flaxcnn.train.config import PRESETS
+
+    for name, (description, overrides) in PRESETS.items():
+        print(f"{name:<16} {description}\n{'':<16} " + " ".join(f"--{k.replace('_', '-')} {v}"
+                                                                 for k, v in overrides.items()))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from flaxcnn.models.registry import MODELS
+
+    for name, spec in MODELS.items():
+        print(f"{name:<15} {spec.domain:<7} input {spec.input_chw}  loss {spec.loss:<14} {spec.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flaxcnn", description="The CIFAR-2 and speech CNN labs in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (defaults reproduce lab 8's Net on CIFAR-2)")
+    _add_training_options(p)
+    p.add_argument("--out", help="run directory (default runs/MODEL-DATASET)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or broken run in --out")
+    p.add_argument("--lr-find", action="store_true", help="run the LR finder first and train with its suggestion")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy and loss of a run's checkpoint on every split")
+    p.add_argument("--run", required=True)
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.add_argument("--data-dir", help="evaluate on this data folder instead of the run's")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("lr-find", help="Ignite's FastaiLRFinder: exponential LR sweep, suggestion, plot")
+    _add_training_options(p)
+    p.add_argument("--out", help="run directory used by --apply (default runs/MODEL-DATASET)")
+    p.add_argument("--start-lr", type=float, default=1e-8)
+    p.add_argument("--end-lr", type=float, default=1e-3)
+    p.add_argument("--num-iter", type=int, default=None, help="default: one epoch of batches")
+    p.add_argument("--diverge-th", type=float, default=1.05)
+    p.add_argument("--smooth-f", type=float, default=0.05)
+    p.add_argument("--plot", default="lr_finder.png")
+    p.add_argument("--apply", action="store_true", help="then train with the suggested learning rate")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser("export", help="write a run's weights as a PyTorch state_dict (.pt)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("parity", help="prove every model equal to its PyTorch reference")
+    p.add_argument("--json")
+    p.add_argument("--models", nargs="+")
+    p.set_defaults(func=cmd_parity)
+
+    sub.add_parser("presets", help="list the named lab runs").set_defaults(func=cmd_presets)
+    sub.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FlaxcnnError as error:
+        print(f"flaxcnn: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flaxcnn: interrupted; the latest completed epoch is checkpointed (continue with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "config_from_args", "ConfigError"]

@@ -1,0 +1,61 @@
+"""The pure training state: what ``jax.jit`` sees instead of an NNX module.
+
+Following Flax's performance guidance, the model is split once into a static graph definition
+and pure state (``params``: every ``nnx.Param``; ``rest``: BatchNorm statistics and the dropout
+RNG streams), and jitted functions ``nnx.merge`` inside. A module is rebuilt with
+:func:`to_model` only when a user needs one (export, evaluation from Python).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+#: Accumulated over an epoch inside the jitted step, read once per epoch:
+#: [sum of batch objectives (the lab's printed loss), sum of per-sample losses, correct, samples]
+N_METRICS = 4
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    rest: Any
+    opt_state: Any
+    step: jax.Array
+    metrics: jax.Array  # float32[N_METRICS], reset at each epoch
+
+
+@dataclass(frozen=True)
+class Graphs:
+    """Static graph definitions of the same model in training and evaluation mode."""
+
+    train: Any
+    eval: Any
+
+
+def split_model(model: nnx.Module) -> tuple[Graphs, Any, Any]:
+    model.eval()
+    eval_graph, _, _ = nnx.split(model, nnx.Param, ...)
+    model.train()
+    train_graph, params, rest = nnx.split(model, nnx.Param, ...)
+    return Graphs(train_graph, eval_graph), params, rest
+
+
+def create_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Graphs, TrainState]:
+    graphs, params, rest = split_model(model)
+    state = TrainState(
+        params=params, rest=rest, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+        metrics=jnp.zeros((N_METRICS,), jnp.float32),
+    )
+    return graphs, state
+
+
+def to_model(graphs: Graphs, state: TrainState, *, train: bool = False) -> nnx.Module:
+    """A standalone NNX module holding a copy of the state (evaluation mode unless ``train``)."""
+    params, rest = jax.tree.map(lambda a: a, (state.params, state.rest))
+    return nnx.merge(graphs.train if train else graphs.eval, params, rest)

@@ -1,0 +1,135 @@
+"""Jitted training and evaluation steps, and the two ways an epoch runs through them.
+
+Paths (``--path``):
+
+``step``  one jitted call per batch; the data set lives on the device and each call gathers
+          its batch by index. The default on CPU: XLA's CPU backend compiles convolution
+          gradients inside loop bodies to a slow generic path, so a loop of small calls
+          beats one big one there.
+``scan``  the whole epoch's full batches in one ``lax.scan`` (one dispatch per epoch), then
+          the last partial batch as one call. The default on GPU/TPU, where per-call
+          dispatch dominates these small models.
+
+Both run the same ``train_step`` function, so they compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from flaxcnn.train.optim import l2_penalty, per_example_loss
+from flaxcnn.train.state import Graphs, TrainState
+
+Batch = tuple[jax.Array, jax.Array]
+
+
+def default_path() -> str:
+    return "step" if jax.default_backend() == "cpu" else "scan"
+
+
+def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation, l2: float = 0.0
+                    ) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
+    """Pure ``(state, x, y) -> state``: forward, lab loss (+ L2 penalty), SGD update, metrics."""
+
+    def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> TrainState:
+        def objective(params):
+            model = nnx.merge(graphs.train, params, state.rest)
+            out = model(x)
+            losses = per_example_loss(loss, out, y)
+            data_loss = jnp.mean(losses)
+            total = data_loss + l2 * l2_penalty(params) if l2 else data_loss
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return total, (jnp.sum(losses), out, rest)
+
+        (total, (loss_sum, out, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(out, axis=1) == y)
+        batch_metrics = jnp.stack([total, loss_sum, correct.astype(jnp.float32), jnp.float32(y.shape[0])])
+        return TrainState(params=params, rest=rest, opt_state=opt_state, step=state.step + 1,
+                          metrics=state.metrics + batch_metrics)
+
+    return train_step
+
+
+def make_eval_step(graphs: Graphs, loss: str) -> Callable:
+    """Pure ``(params, rest, x, y) -> [loss sum, correct, count]`` in evaluation mode."""
+
+    def eval_step(params, rest, x, y):
+        out = nnx.merge(graphs.eval, params, rest)(x)
+        losses = per_example_loss(loss, out, y)
+        correct = jnp.sum(jnp.argmax(out, axis=1) == y)
+        return jnp.stack([jnp.sum(losses), correct.astype(jnp.float32), jnp.float32(y.shape[0])])
+
+    return eval_step
+
+
+class EpochRunner:
+    """Runs one training epoch over device-resident arrays in the chosen path."""
+
+    def __init__(self, train_step: Callable, path: str):
+        self.path = path
+
+        def gather_step(state, x_all, y_all, idx):
+            return train_step(state, x_all[idx], y_all[idx])
+
+        def scan_steps(state, x_all, y_all, idx_batches):
+            def body(s, idx):
+                return gather_step(s, x_all, y_all, idx), None
+
+            return jax.lax.scan(body, state, idx_batches)[0]
+
+        self._step = jax.jit(gather_step, donate_argnums=0)
+        self._scan = jax.jit(scan_steps, donate_argnums=0)
+
+    @property
+    def step_fn(self) -> Callable:
+        """The jitted ``(state, x_all, y_all, idx) -> state`` single step (state donated)."""
+        return self._step
+
+    def run(self, state: TrainState, x_all: jax.Array, y_all: jax.Array, order: np.ndarray, batch_size: int,
+            on_batch: Callable[[int, TrainState], None] | None = None) -> TrainState:
+        """Train on ``order`` in batches of ``batch_size`` (last partial batch kept, like
+        ``DataLoader(drop_last=False)``). ``on_batch(num_done, state)`` is called after each
+        dispatched call (per batch on ``step``, once per epoch on ``scan``)."""
+        n = len(order)
+        full = n // batch_size
+        state = state.replace(metrics=jnp.zeros_like(state.metrics))
+        order = np.asarray(order, np.int32)
+        if self.path == "scan" and full:
+            idx = jnp.asarray(order[: full * batch_size].reshape(full, batch_size))
+            state = self._scan(state, x_all, y_all, idx)
+            if on_batch:
+                on_batch(full, state)
+        else:
+            for b in range(full):
+                state = self._step(state, x_all, y_all, jnp.asarray(order[b * batch_size:(b + 1) * batch_size]))
+                if on_batch:
+                    on_batch(b + 1, state)
+        if n % batch_size:
+            state = self._step(state, x_all, y_all, jnp.asarray(order[full * batch_size:]))
+            if on_batch:
+                on_batch(full + 1, state)
+        return state
+
+
+class Evaluator:
+    """Ignite's evaluator with Accuracy and Loss: mean loss and accuracy over a whole split."""
+
+    def __init__(self, graphs: Graphs, loss: str, batch_size: int = 1000):
+        self.batch_size = batch_size
+        self._step = jax.jit(make_eval_step(graphs, loss))
+
+    def __call__(self, state: TrainState, x: jax.Array, y: jax.Array) -> dict[str, float]:
+        total = jnp.zeros((3,), jnp.float32)
+        for start in range(0, len(y), self.batch_size):
+            total = total + self._step(state.params, state.rest, x[start:start + self.batch_size],
+                                       y[start:start + self.batch_size])
+        loss_sum, correct, count = (float(v) for v in np.asarray(total))
+        return {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}

@@ -1,0 +1,104 @@
+"""The worker side of ``train_throughput``: time a list of (model, batch size, path) rows of one
+framework in this process and return one result dict per row.
+
+A row that fails (say, ``torch.compile`` without a working compiler) is reported with its
+``error`` instead of numbers, and the other rows still run.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks.data import BenchData, bench_data
+from benchmarks.settings import LR, lab_batch_size, lab_momentum
+from benchmarks.timing import WARMUP_METHOD, peak_rss_mb, time_evaluation, time_training
+from flaxcnn.models.registry import ModelSpec, get_model
+
+FRAMEWORKS = ("torch", "flaxcnn")
+
+
+def framework_info(framework: str, device: str) -> dict[str, Any]:
+    """Versions, thread settings and backend of ``framework`` as this process sees them."""
+    if framework == "torch":
+        from benchmarks.torch_paths import torch_info
+
+        return torch_info(device)
+    from benchmarks.flax_paths import jax_info, setup_jax
+
+    setup_jax(device)
+    return jax_info()
+
+
+def make_trainer(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int, *,
+                 seed: int, device: str, init_dir: Path | None):
+    """A trainer of ``framework`` in ``path`` with the lab's optimizer settings for ``spec``."""
+    settings = dict(lr=LR, momentum=lab_momentum(spec), seed=seed, init_dir=init_dir)
+    if framework == "torch":
+        from benchmarks.torch_paths import TorchTrainer
+
+        return TorchTrainer(spec, path, data, batch_size, device=device, **settings)
+    from benchmarks.flax_paths import FlaxTrainer
+
+    return FlaxTrainer(spec, path, data, batch_size, **settings)
+
+
+def is_default_path(framework: str, path: str) -> bool:
+    """Whether ``path`` is what ``flaxcnn train --path auto`` picks on this backend."""
+    if framework != "flaxcnn":
+        return False
+    from flaxcnn.train.steps import default_path
+
+    return path == default_path()
+
+
+def measure_row(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int,
+                job: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "framework": framework, "path": path, "model": spec.name, "batch_size": batch_size,
+        "default_path": is_default_path(framework, path), "lab_batch_size": batch_size == lab_batch_size(spec),
+        "samples": len(data.y), "data": data.source, "lr": LR, "momentum": lab_momentum(spec),
+        "warmup_method": WARMUP_METHOD,
+    }
+    try:
+        trainer = make_trainer(framework, spec, path, data, batch_size, seed=job["seed"], device=job["device"],
+                               init_dir=Path(job["init_dir"]) if job.get("init_dir") else None)
+        row.update(time_training(trainer, len(data.y), job["epochs"]))
+        row.update(time_evaluation(trainer, *trainer.eval_arrays(data), len(data.eval_y)))
+        if hasattr(trainer, "init"):
+            row["init"] = trainer.init
+    except Exception as error:  # one broken path must not lose the other rows' numbers
+        traceback.print_exc()
+        row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def run_rows(job: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of a worker process (see :mod:`benchmarks.process`)."""
+    framework = job["framework"]
+    info = framework_info(framework, job["device"])
+    results, data, data_model = [], None, None
+    for spec_row in job["rows"]:
+        spec = get_model(spec_row["model"])
+        if data_model != spec.name:
+            data, data_model = None, None
+            gc.collect()
+            data = bench_data(spec, job["samples"], job["seed"], job["data_dirs"])
+            data_model = spec.name
+        row = measure_row(framework, spec, spec_row["path"], data, spec_row["batch_size"], job)
+        results.append(row)
+        gc.collect()
+        print(progress_line(row), file=sys.stderr, flush=True)
+    return {"info": info, "results": results}
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    head = f"  {row['framework']:>7} {row['path']:<13} {row['model']:<13} batch {row['batch_size']:>4}: "
+    if "error" in row:
+        return head + "FAILED " + row["error"]
+    return (head + f"{row['samples_per_second']:>9,.0f} samples/s  warm-up {row['warmup_seconds']:6.1f} s  "
+            f"eval {row['eval_samples_per_second']:>9,.0f} samples/s  peak RSS {row['peak_rss_mb']:,.0f} MB")

@@ -1,0 +1,112 @@
+"""Ratios to the lab loop, and the results as a markdown table and a bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PATH_ORDER = ("lab-loop", "torch-sliced", "torch-compile", "step", "scan")
+BASELINE = ("torch", "lab-loop")
+
+
+def _key(row: dict[str, Any]) -> tuple[str, int]:
+    return row["model"], row["batch_size"]
+
+
+def attach_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``ratio_vs_lab_loop`` (training) and ``eval_ratio_vs_lab_loop`` to every row: its
+    samples/s over the lab loop's for the same model and batch size, None without a baseline."""
+    base = {_key(r): r for r in results if (r["framework"], r["path"]) == BASELINE and "error" not in r}
+    for row in results:
+        lab = base.get(_key(row))
+        ok = lab is not None and "error" not in row
+        row["ratio_vs_lab_loop"] = row["samples_per_second"] / lab["samples_per_second"] if ok else None
+        row["eval_ratio_vs_lab_loop"] = (row["eval_samples_per_second"] / lab["eval_samples_per_second"]
+                                         if ok else None)
+    return results
+
+
+def sorted_rows(results: list[dict[str, Any]], models: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows grouped by model (in ``models`` order), then batch size, then path."""
+    model_rank = {m: i for i, m in enumerate(models or [])}
+
+    def rank(row):
+        path = PATH_ORDER.index(row["path"]) if row["path"] in PATH_ORDER else len(PATH_ORDER)
+        return model_rank.get(row["model"], len(model_rank)), row["model"], row["batch_size"], path
+
+    return sorted(results, key=rank)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _path_label(row: dict[str, Any]) -> str:
+    return row["path"] + (" (default)" if row.get("default_path") else "")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table, preceded by the facts a reader needs to trust or doubt it."""
+    m, s = report["machine"], report["settings"]
+    lines = [
+        "# Training throughput: flaxcnn vs the labs' PyTorch loops",
+        "",
+        f"- machine: {m['cpu_model']}, {m['cpu_count']} cores; load average before {m.get('loadavg_before')}, "
+        f"after {m.get('loadavg_after')}",
+        f"- torch {m.get('torch')} ({m.get('torch_num_threads')} threads); jax {m.get('jax')} "
+        f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}); device {s['device']}",
+        f"- {s['samples']} samples per epoch ({s['data']}); train samples/s: median of {s['epochs']} epochs "
+        f"after 1 warm-up epoch; warm-up = {s['warmup_method']}; eval: forward only, eval mode, "
+        f"batches of {s['eval_batch']}; peak RSS: ru_maxrss of the framework's process "
+        f"({s['process_per']} per process) when the row finished",
+        "",
+        "| model | batch | framework | path | train samples/s | vs lab loop | warm-up s | eval samples/s "
+        "| eval vs lab | peak RSS MB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in sorted_rows(report["results"], s.get("models")):
+        head = f"| {row['model']} | {row['batch_size']} | {row['framework']} | {_path_label(row)} |"
+        if "error" in row:
+            lines.append(f"{head} failed: {row['error']} | | | | | {_fmt(row.get('peak_rss_mb'), ',.0f')} |")
+            continue
+        lines.append(
+            f"{head} {row['samples_per_second']:,.0f} | {_fmt(row['ratio_vs_lab_loop'], '.2f')}x | "
+            f"{row['warmup_seconds']:.2f} | {row['eval_samples_per_second']:,.0f} | "
+            f"{_fmt(row['eval_ratio_vs_lab_loop'], '.2f')}x | {row['peak_rss_mb']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict[str, Any], path: str | Path) -> None:
+    """Grouped bars: training samples/s of each path over the lab loop's, per model and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r.get("ratio_vs_lab_loop") is not None and r["path"] != "lab-loop"]
+    groups = sorted({_key(r) for r in rows}, key=lambda k: (report["settings"]["models"].index(k[0])
+                                                            if k[0] in report["settings"]["models"] else 99, k))
+    paths = [p for p in PATH_ORDER if any(r["path"] == p for r in rows)]
+    width = 0.8 / max(len(paths), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.5))
+    for i, p in enumerate(paths):
+        xs, ys = [], []
+        for g, key in enumerate(groups):
+            match = [r for r in rows if _key(r) == key and r["path"] == p]
+            if match:
+                xs.append(g + (i - (len(paths) - 1) / 2) * width)
+                ys.append(match[0]["ratio_vs_lab_loop"])
+        default = any(r["path"] == p and r.get("default_path") for r in rows)
+        bars = ax.bar(xs, ys, width, label=p + (" (flaxcnn default)" if default else ""))
+        ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=6, padding=1)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="lab loop (PyTorch DataLoader)")
+    ax.set_xticks(range(len(groups)), [f"{m}\nbatch {b}" for m, b in groups], fontsize=8)
+    ax.set_ylabel("training samples/s ÷ the lab loop's")
+    ax.set_ylim(0, max([r["ratio_vs_lab_loop"] for r in rows] + [1.0]) * 1.15)
+    ax.set_title(f"Training throughput vs the lab loop ({report['settings']['device']}, "
+                 f"{report['machine']['cpu_count']} cores)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""How every path is timed, the same way for both frameworks.
+
+A trainer is anything with ``train_epoch(epoch) -> float`` (returns the epoch's summed batch
+loss, the lab's ``loss_train``, after all its work is finished) and ``evaluate(x, y) -> dict``
+(forward only, evaluation mode, also finished when it returns). Timing only wraps those calls,
+so what is measured is exactly one epoch or one evaluation pass, data feeding included.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Protocol
+
+import numpy as np
+
+WARMUP_METHOD = "first epoch minus the median steady epoch"
+EVAL_BATCH = 1000  # forward-only passes run in batches of this size (or the whole split if smaller)
+
+
+class Trainer(Protocol):
+    def train_epoch(self, epoch: int) -> float: ...
+
+    def evaluate(self, x: Any, y: Any) -> dict[str, float]: ...
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def time_training(trainer: Trainer, samples: int, epochs: int) -> dict[str, Any]:
+    """One warm-up epoch (epoch 0), then ``epochs`` timed ones; throughput from their median."""
+    seconds, losses = [], []
+    for epoch in range(epochs + 1):
+        start = time.perf_counter()
+        losses.append(trainer.train_epoch(epoch))
+        seconds.append(time.perf_counter() - start)
+    steady = statistics.median(seconds[1:])
+    return {
+        "samples_per_second": samples / steady,
+        "warmup_seconds": seconds[0] - steady,
+        "warmup_method": WARMUP_METHOD,
+        "first_epoch_seconds": seconds[0],
+        "epoch_seconds": seconds[1:],
+        "train_loss_sum_per_epoch": losses,
+        "train_finite": bool(np.all(np.isfinite(losses))),
+    }
+
+
+def time_evaluation(trainer: Trainer, x: Any, y: Any, samples: int, repeats: int = 3) -> dict[str, Any]:
+    """One warm-up pass over the eval split, then the median of ``repeats`` timed passes."""
+    trainer.evaluate(x, y)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = trainer.evaluate(x, y)
+        seconds.append(time.perf_counter() - start)
+    return {
+        "eval_samples_per_second": samples / statistics.median(seconds),
+        "eval_samples": samples,
+        "eval_accuracy": result["accuracy"],
+    }

@@ -1,0 +1,151 @@
+"""Training throughput of flaxcnn against the labs' PyTorch loops, side by side.
+
+    python -m benchmarks.train_throughput                       # every model, batch 64 and 256
+    python -m benchmarks.train_throughput --models net --batch-sizes 64 --epochs 3
+    python -m benchmarks.train_throughput --torch-compile --device gpu
+
+Each framework runs in a process of its own (``--process-per``), on the same arrays and batch
+sizes; the PyTorch process runs first and saves its init, which the flaxcnn process loads.
+Writes JSON, a markdown table (also printed) and a PNG chart; see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import load_average, machine_info
+from benchmarks.process import run_isolated
+from benchmarks.report import attach_ratios, bar_chart, markdown
+from benchmarks.timing import EVAL_BATCH, WARMUP_METHOD
+from flaxcnn.errors import ConfigError, FlaxcnnError
+from flaxcnn.models.registry import MODELS, get_model
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OPTIONAL_PATHS = ("torch-sliced", "step", "scan")  # lab-loop always runs: it is the baseline
+PROCESS_PER = ("framework", "model", "row")
+
+
+def _list(text: str) -> list[str]:
+    return [part for part in text.replace(",", " ").split() if part]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=None, help=f"registered models (default: all: {', '.join(MODELS)})")
+    p.add_argument("--batch-sizes", nargs="+", default=["64", "256"], help="default: 64 256")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up epoch (default 3)")
+    p.add_argument("--samples", type=int, default=10_000, help="training samples per epoch (default 10000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (torch-sliced loop)")
+    p.add_argument("--paths", nargs="+", default=list(OPTIONAL_PATHS),
+                   help=f"paths besides the lab loop (default: {' '.join(OPTIONAL_PATHS)})")
+    p.add_argument("--data-dir", default=None, help="real CIFAR-2 (cifar-10-batches-py) for the CIFAR models")
+    p.add_argument("--speech-dir", default=None, help="real speech features (melspec_feats.npy) for speech models")
+    p.add_argument("--process-per", choices=PROCESS_PER, default="framework",
+                   help="one process per framework (default), per framework and model, or per row")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--json", default=None, help="default: OUT_DIR/train_throughput.json")
+    p.add_argument("--markdown", default=None, help="default: OUT_DIR/train_throughput.md")
+    p.add_argument("--png", default=None, help="default: OUT_DIR/train_throughput.png")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    """Validated settings; every user mistake is a ConfigError naming what is accepted."""
+    models = _list(" ".join(args.models)) if args.models else list(MODELS)
+    for name in models:
+        get_model(name)
+    try:
+        batch_sizes = [int(b) for b in _list(" ".join(args.batch_sizes))]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes takes integers, got {' '.join(args.batch_sizes)!r}") from None
+    paths = _list(" ".join(args.paths))
+    bad = [p for p in paths if p not in OPTIONAL_PATHS]
+    if bad:
+        raise ConfigError(f"unknown --paths {', '.join(bad)}; accepted: {', '.join(OPTIONAL_PATHS)} "
+                          "(lab-loop always runs; torch-compile via --torch-compile)")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ConfigError(f"--batch-sizes must be integers >= 1, got {batch_sizes}")
+    if args.epochs < 1 or args.samples < 1:
+        raise ConfigError(f"--epochs and --samples must be >= 1, got {args.epochs} and {args.samples}")
+    data = ", ".join(f"{d}: {f}" for d, f in (("cifar", args.data_dir), ("speech", args.speech_dir)) if f)
+    return {
+        "models": models, "batch_sizes": batch_sizes, "epochs": args.epochs, "samples": args.samples,
+        "seed": args.seed, "device": args.device, "torch_compile": args.torch_compile,
+        "paths": ["lab-loop", *[p for p in OPTIONAL_PATHS if p in paths]]
+                 + (["torch-compile"] if args.torch_compile else []),
+        "data_dirs": {"cifar": args.data_dir, "speech": args.speech_dir},
+        "data": "real data for " + data + ", synthetic otherwise" if data else "synthetic N(0, 1) images",
+        "process_per": args.process_per, "warmup_method": WARMUP_METHOD, "eval_batch": EVAL_BATCH,
+    }
+
+
+def framework_of(path: str) -> str:
+    return "flaxcnn" if path in ("step", "scan") else "torch"
+
+
+def plan_jobs(settings: dict[str, Any], init_dir: str) -> list[dict[str, Any]]:
+    """Worker jobs in run order: PyTorch before flaxcnn (it saves the init flaxcnn loads)."""
+    rows = [{"model": m, "batch_size": b, "path": p} for m in settings["models"]
+            for b in settings["batch_sizes"] for p in settings["paths"]]
+    common = {k: settings[k] for k in ("epochs", "samples", "seed", "device", "data_dirs")}
+    per = settings["process_per"]
+    jobs: dict[tuple, dict[str, Any]] = {}  # insertion order: lab-loop (torch) opens each group
+    for row in rows:
+        fw = framework_of(row["path"])
+        key = {"framework": (fw,), "model": (row["model"], fw), "row": tuple(row.values())}[per]
+        jobs.setdefault(key, {**common, "framework": fw, "init_dir": init_dir, "rows": []})["rows"].append(row)
+    return list(jobs.values())
+
+
+def worker_env(framework: str, device: str) -> dict[str, str]:
+    """``--device cpu`` pins JAX to its CPU backend; threads are left as they are."""
+    return {"JAX_PLATFORMS": "cpu"} if framework == "flaxcnn" and device == "cpu" else {}
+
+
+def run(settings: dict[str, Any]) -> dict[str, Any]:
+    machine = {**machine_info(), "loadavg_before": load_average()}
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="flaxcnn-bench-init-") as init_dir:
+        for job in plan_jobs(settings, init_dir):
+            fw = job["framework"]
+            print(f"[{fw}] {len(job['rows'])} row(s) in a new process", file=sys.stderr, flush=True)
+            out = run_isolated("benchmarks.measure:run_rows", job, env=worker_env(fw, settings["device"]), label=fw)
+            machine.update(out["info"])
+            results.extend(out["results"])
+    machine["loadavg_after"] = load_average()
+    return {"machine": machine, "settings": settings, "results": attach_ratios(results)}
+
+
+def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> str:
+    out_dir = Path(args.out_dir)
+    targets = {k: Path(getattr(args, k) or out_dir / f"train_throughput.{ext}")
+               for k, ext in (("json", "json"), ("markdown", "md"), ("png", "png"))}
+    for target in targets.values():
+        target.parent.mkdir(parents=True, exist_ok=True)
+    targets["json"].write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    targets["markdown"].write_text(table)
+    bar_chart(report, targets["png"])
+    return table + "\nwrote " + ", ".join(str(t) for t in targets.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(settings_from(args))
+    except FlaxcnnError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(write_outputs(report, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,8 @@ def check_input(x: jax.Array, expected_chw: Sequence[int], model_name: str) -> j
     silently scaling them would hide a missing normalisation step.
     """
     expected = tuple(int(d) for d in expected_chw)
+    if not hasattr(x, "shape"):  # lists, scalars: the checks below then name their shape
+        x = jnp.asarray(x)
     shape = tuple(x.shape)
     want = "(N, " + ", ".join(str(d) for d in expected) + ")"
     if len(shape) != 4:
@@ -41,6 +43,8 @@ def check_input(x: jax.Array, expected_chw: Sequence[int], model_name: str) -> j
         if shape[1:] == (expected[1], expected[2], expected[0]):
             hint = " (this looks like NHWC: transpose with x.transpose(0, 3, 1, 2))"
         raise InputShapeError(f"{model_name} expects input shape {want}, got {shape}{hint}")
+    if shape[0] == 0:
+        raise InputShapeError(f"{model_name} got an empty batch {shape}; pass at least one example {want}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise InputShapeError(
             f"{model_name} expects floating-point input, got dtype {x.dtype}; convert pixels with "

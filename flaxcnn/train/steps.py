@@ -38,8 +38,11 @@ def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation,
     """Pure ``(state, x, y) -> state``: forward, lab loss (+ L2 penalty), SGD update, metrics."""
 
     def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> TrainState:
-        def objective(params):
-            model = nnx.merge(graphs.train, params, state.rest)
+        def objective(params, rest):
+            # Fresh Variable objects for rest (BatchNorm statistics, RNG streams), created inside
+            # the gradient trace, so NNX lets the forward pass update them there.
+            rest = jax.tree.map(lambda v: v, rest)
+            model = nnx.merge(graphs.train, params, rest)
             out = model(x)
             losses = per_example_loss(loss, out, y)
             data_loss = jnp.mean(losses)
@@ -47,7 +50,7 @@ def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation,
             _, _, rest = nnx.split(model, nnx.Param, ...)
             return total, (jnp.sum(losses), out, rest)
 
-        (total, (loss_sum, out, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (total, (loss_sum, out, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params, state.rest)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(out, axis=1) == y)

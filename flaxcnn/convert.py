@@ -182,6 +182,7 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object]) -
 def load_pt(path: str | os.PathLike) -> dict[str, object]:
     """Read a ``torch.save``-d state_dict with ``weights_only=True`` (no code from the file runs)."""
     import pickle
+    import re
 
     import torch
 
@@ -190,16 +191,29 @@ def load_pt(path: str | os.PathLike) -> dict[str, object]:
         raise ConversionError(f"checkpoint file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as error:
+    except pickle.UnpicklingError as error:
+        # torch names the refused global ("GLOBAL parity.references.Net", "GLOBAL posix.system").
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
         raise ConversionError(
-            f"{path} is not a plain state_dict that can be loaded safely (torch.load with "
-            f"weights_only=True refused it: {str(error).splitlines()[0]}). If it holds a whole "
-            "pickled model or other objects, re-save just the weights with "
-            "torch.save(model.state_dict(), path)."
+            f"refused to load {path}: it "
+            + (f"references {found.group(1)}, which " if found else "holds objects that ")
+            + "a plain state_dict never needs (read with torch.load(weights_only=True), so nothing in "
+            "the file ran). If it holds a whole pickled model or other objects, re-save just the "
+            "weights with torch.save(model.state_dict(), path)."
+        ) from None
+    except Exception as error:  # noqa: BLE001 - truncated zip, not a torch file at all, ...
+        raise ConversionError(
+            f"{path} is not a readable PyTorch file ({type(error).__name__}: "
+            f"{(str(error).splitlines() or [''])[0]}); it is truncated or damaged: save it again "
+            "with torch.save(model.state_dict(), path)."
         ) from None
     if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
+        others = [str(k) for k, v in obj.items() if not hasattr(v, "shape")] if isinstance(obj, Mapping) else []
         raise ConversionError(
-            f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; save one with "
-            "torch.save(model.state_dict(), path)"
+            f"{path} holds a {type(obj).__name__}, not a state_dict of tensors"
+            + (f" (entries that are not tensors: {', '.join(others[:10])})" if others else "")
+            + "; save one with torch.save(model.state_dict(), path)"
+            + ("; a training checkpoint's weights can be saved alone with "
+               "torch.save(torch.load(path)['state_dict'], new_path)" if "state_dict" in others else "")
         )
     return dict(obj)

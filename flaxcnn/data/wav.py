@@ -41,9 +41,17 @@ def read_wav(path: str | os.PathLike) -> np.ndarray:
             got = f"{rate} Hz, {channels} channel(s), {8 * width}-bit"
             if (rate, channels, width) != (ACCEPTED_RATE, ACCEPTED_CHANNELS, ACCEPTED_WIDTH_BYTES):
                 raise DataError(f"{path}: has {got}; accepted: {ACCEPTED_FORMAT}")
-            raw = wf.readframes(wf.getnframes())
+            frames = wf.getnframes()
+            raw = wf.readframes(frames)
     except (wave.Error, EOFError) as err:
         raise DataError(f"{path}: not a readable PCM wav ({err}); accepted: {ACCEPTED_FORMAT}") from err
+    except OSError as err:  # a folder named *.wav, a broken link, no permission
+        raise DataError(f"{path}: cannot read ({err.strerror or err}); accepted: {ACCEPTED_FORMAT} files") from err
+    if len(raw) != frames * ACCEPTED_WIDTH_BYTES:
+        raise DataError(
+            f"{path}: truncated: its header announces {frames} samples but the file holds "
+            f"{len(raw) / ACCEPTED_WIDTH_BYTES:g}; replace it with a complete copy"
+        )
     return np.frombuffer(raw, dtype="<i2").astype(np.int16)
 
 

@@ -39,6 +39,9 @@ FILES_CSV = "files.csv"
 VALIDATION_LIST = "validation_list.txt"
 TESTING_LIST = "testing_list.txt"
 FEATURE_SHAPE = (frame_geometry(16000)[2], NFILT)  # (99, 26)
+#: Labels index a class-name tuple and the model's output layer: a bound keeps a stray huge
+#: label from allocating millions of classes.
+MAX_CLASSES = 10_000
 ACCEPTED_LAYOUTS = (
     f"accepted layouts: (npy) {FEATURES_FILE} of shape (N, {FEATURE_SHAPE[0]}, {FEATURE_SHAPE[1]}) + "
     f"{LABELS_FILE} (N,), optional {CLASSES_FILE} and {FILES_CSV}; (wav) <word>/<speaker>_nohash_<n>.wav "
@@ -177,12 +180,17 @@ def _check_labels(labels: np.ndarray, path: Path, num_rows: int) -> np.ndarray:
         raise DataError(f"{path} has {len(labels)} labels but {FEATURES_FILE} has {num_rows} rows")
     if len(labels) and labels.min() < 0:
         raise DataError(f"{path} holds negative labels (min {labels.min()}); labels are class indices >= 0")
+    if len(labels) and labels.max() >= MAX_CLASSES:
+        raise DataError(f"{path} holds label {labels.max()}; labels are class indices below {MAX_CLASSES}")
     return labels.astype(np.int64)
 
 
 def read_class_names(path: Path) -> tuple[str, ...]:
     """Names from classes.txt, one per line (label = line number); blank lines at the end ignored."""
-    names = [line.strip() for line in path.read_text().splitlines()]
+    try:
+        names = [line.strip() for line in path.read_text().splitlines()]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err}); it must list one class name per line") from err
     while names and not names[-1]:
         names.pop()
     if not names or "" in names or len(set(names)) != len(names):

@@ -147,7 +147,7 @@ def read_source(data_dir: str | os.PathLike | None, source: str, class_ids: Sequ
         return read_sample(class_ids)
     path = Path(data_dir)
     if not path.is_dir():
-        raise DataError(f"CIFAR-10 data folder {path} does not exist. {HOW_TO_GET}")
+        raise DataError(f"CIFAR-10 data folder {path} does not exist or is not a folder. {HOW_TO_GET}")
     if source == "pickle" or find_pickle_folder(path) is not None:
         return read_pickle_folder(path)
     if has_tfds_cifar10(path):

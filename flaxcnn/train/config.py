@@ -73,6 +73,7 @@ class TrainConfig:
         need(self.init in ("torch", "flax"), f"--init must be torch or flax, got {self.init!r}")
         need(self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

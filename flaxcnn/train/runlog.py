@@ -30,11 +30,11 @@ def read_json(path: Path) -> Any:
 def prepare_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool = False) -> Path:
     """Create RUN_DIR and prove it is writable with room to spare, before any training starts."""
     path = Path(run_dir)
-    has_run = (path / "metrics.jsonl").exists() or (path / "checkpoints").exists()
+    has_run = holds_a_run(path)
     if has_run and not resume and not overwrite:
         raise TrainingError(
             f"{path} already holds a run (metrics.jsonl / checkpoints); continue it with --resume, "
-            "or choose another --out"
+            "replace it with --overwrite, or choose another --out"
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -54,6 +54,17 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool
             (path / name).unlink(missing_ok=True)
         shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return path
+
+
+def holds_a_run(path: Path) -> bool:
+    """Whether ``path`` holds at least one finished epoch (a metrics row or a checkpoint step).
+
+    A run stopped before its first epoch ended (bad setting, NaN in epoch 1) left nothing worth
+    keeping, so starting again there needs neither --resume nor --overwrite.
+    """
+    metrics = path / "metrics.jsonl"
+    has_rows = metrics.is_file() and metrics.stat().st_size > 0
+    return has_rows or any(p.name.isdigit() for p in (path / "checkpoints").glob("*/*"))
 
 
 class MetricsLog:

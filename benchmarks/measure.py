@@ -21,12 +21,14 @@ from flaxcnn.models.registry import ModelSpec, get_model
 FRAMEWORKS = ("torch", "flaxcnn")
 
 
-def framework_info(framework: str, device: str) -> dict[str, Any]:
-    """Versions, thread settings and backend of ``framework`` as this process sees them."""
+def framework_info(framework: str, device: str, torch_threads: int | None = None) -> dict[str, Any]:
+    """Versions, thread settings and backend of ``framework`` as this process sees them
+    (``torch_threads``: the explicit ``--torch-threads``, applied here)."""
     if framework == "torch":
-        from benchmarks.torch_paths import torch_info
+        from benchmarks.torch_paths import set_threads, torch_info
 
-        return torch_info(device)
+        set_threads(torch_threads)
+        return {**torch_info(device), "torch_threads_set_by_option": torch_threads}
     from benchmarks.flax_paths import jax_info, setup_jax
 
     setup_jax(device)
@@ -56,7 +58,9 @@ def is_default_path(framework: str, path: str) -> bool:
 
 
 def measure_row(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int,
-                job: dict[str, Any]) -> dict[str, Any]:
+                job: dict[str, Any], eval_cache: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    """Time one row. Evaluation does not depend on the training batch size, so it is measured
+    once per (framework, path, model) in this process and copied to the other batch sizes."""
     row: dict[str, Any] = {
         "framework": framework, "path": path, "model": spec.name, "batch_size": batch_size,
         "default_path": is_default_path(framework, path), "lab_batch_size": batch_size == lab_batch_size(spec),
@@ -67,7 +71,11 @@ def measure_row(framework: str, spec: ModelSpec, path: str, data: BenchData, bat
         trainer = make_trainer(framework, spec, path, data, batch_size, seed=job["seed"], device=job["device"],
                                init_dir=Path(job["init_dir"]) if job.get("init_dir") else None)
         row.update(time_training(trainer, len(data.y), job["epochs"]))
-        row.update(time_evaluation(trainer, *trainer.eval_arrays(data), len(data.eval_y)))
+        key = (framework, path, spec.name)
+        if key not in eval_cache:
+            eval_cache[key] = {**time_evaluation(trainer, *trainer.eval_arrays(data), len(data.eval_y)),
+                               "eval_measured_at_batch_size": batch_size}
+        row.update(eval_cache[key])
         if hasattr(trainer, "init"):
             row["init"] = trainer.init
     except Exception as error:  # one broken path must not lose the other rows' numbers
@@ -80,8 +88,8 @@ def measure_row(framework: str, spec: ModelSpec, path: str, data: BenchData, bat
 def run_rows(job: dict[str, Any]) -> dict[str, Any]:
     """Entry point of a worker process (see :mod:`benchmarks.process`)."""
     framework = job["framework"]
-    info = framework_info(framework, job["device"])
-    results, data, data_model = [], None, None
+    info = framework_info(framework, job["device"], job.get("torch_threads"))
+    results, data, data_model, eval_cache = [], None, None, {}
     for spec_row in job["rows"]:
         spec = get_model(spec_row["model"])
         if data_model != spec.name:
@@ -89,7 +97,7 @@ def run_rows(job: dict[str, Any]) -> dict[str, Any]:
             gc.collect()
             data = bench_data(spec, job["samples"], job["seed"], job["data_dirs"])
             data_model = spec.name
-        row = measure_row(framework, spec, spec_row["path"], data, spec_row["batch_size"], job)
+        row = measure_row(framework, spec, spec_row["path"], data, spec_row["batch_size"], job, eval_cache)
         results.append(row)
         gc.collect()
         print(progress_line(row), file=sys.stderr, flush=True)

@@ -45,6 +45,12 @@ def _path_label(row: dict[str, Any]) -> str:
     return row["path"] + (" (default)" if row.get("default_path") else "")
 
 
+def threads_note(machine: dict[str, Any]) -> str:
+    threads = machine.get("torch_num_threads")
+    forced = machine.get("torch_threads_set_by_option")
+    return f"{threads} threads" + (" set by --torch-threads" if forced else ", torch's default")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The table, preceded by the facts a reader needs to trust or doubt it."""
     m, s = report["machine"], report["settings"]
@@ -53,7 +59,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- machine: {m['cpu_model']}, {m['cpu_count']} cores; load average before {m.get('loadavg_before')}, "
         f"after {m.get('loadavg_after')}",
-        f"- torch {m.get('torch')} ({m.get('torch_num_threads')} threads); jax {m.get('jax')} "
+        f"- torch {m.get('torch')} ({threads_note(m)}); jax {m.get('jax')} "
         f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}); device {s['device']}",
         f"- {s['samples']} samples per epoch ({s['data']}); train samples/s: median of {s['epochs']} epochs "
         f"after 1 warm-up epoch; warm-up = {s['warmup_method']}; eval: forward only, eval mode, "

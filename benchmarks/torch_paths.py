@@ -39,6 +39,14 @@ def torch_device(device: str):
     return torch.device("cuda")
 
 
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` only when asked (``--torch-threads``); None leaves torch's default."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def torch_info(device: str) -> dict[str, Any]:
     import torch
 

@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.machine import load_average, machine_info
@@ -47,8 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"paths besides the lab loop (default: {' '.join(OPTIONAL_PATHS)})")
     p.add_argument("--data-dir", default=None, help="real CIFAR-2 (cifar-10-batches-py) for the CIFAR models")
     p.add_argument("--speech-dir", default=None, help="real speech features (melspec_feats.npy) for speech models")
-    p.add_argument("--process-per", choices=PROCESS_PER, default="framework",
-                   help="one process per framework (default), per framework and model, or per row")
+    p.add_argument("--process-per", choices=PROCESS_PER, default="model",
+                   help="a new process per framework and model (default), per framework, or per row")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads(N) in the PyTorch process (default: leave torch's own)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only redraw the markdown and PNG from a JSON written earlier")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--json", default=None, help="default: OUT_DIR/train_throughput.json")
     p.add_argument("--markdown", default=None, help="default: OUT_DIR/train_throughput.md")
@@ -72,6 +77,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
                           "(lab-loop always runs; torch-compile via --torch-compile)")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError(f"--batch-sizes must be integers >= 1, got {batch_sizes}")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     if args.epochs < 1 or args.samples < 1:
         raise ConfigError(f"--epochs and --samples must be >= 1, got {args.epochs} and {args.samples}")
     data = ", ".join(f"{d}: {f}" for d, f in (("cifar", args.data_dir), ("speech", args.speech_dir)) if f)
@@ -82,7 +89,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
                  + (["torch-compile"] if args.torch_compile else []),
         "data_dirs": {"cifar": args.data_dir, "speech": args.speech_dir},
         "data": "real data for " + data + ", synthetic otherwise" if data else "synthetic N(0, 1) images",
-        "process_per": args.process_per, "warmup_method": WARMUP_METHOD, "eval_batch": EVAL_BATCH,
+        "process_per": args.process_per, "torch_threads": args.torch_threads, "warmup_method": WARMUP_METHOD, "eval_batch": EVAL_BATCH,
     }
 
 
@@ -94,7 +101,7 @@ def plan_jobs(settings: dict[str, Any], init_dir: str) -> list[dict[str, Any]]:
     """Worker jobs in run order: PyTorch before flaxcnn (it saves the init flaxcnn loads)."""
     rows = [{"model": m, "batch_size": b, "path": p} for m in settings["models"]
             for b in settings["batch_sizes"] for p in settings["paths"]]
-    common = {k: settings[k] for k in ("epochs", "samples", "seed", "device", "data_dirs")}
+    common = {k: settings[k] for k in ("epochs", "samples", "seed", "device", "data_dirs", "torch_threads")}
     per = settings["process_per"]
     jobs: dict[tuple, dict[str, Any]] = {}  # insertion order: lab-loop (torch) opens each group
     for row in rows:
@@ -104,46 +111,62 @@ def plan_jobs(settings: dict[str, Any], init_dir: str) -> list[dict[str, Any]]:
     return list(jobs.values())
 
 
-def worker_env(framework: str, device: str) -> dict[str, str]:
-    """``--device cpu`` pins JAX to its CPU backend; threads are left as they are."""
-    return {"JAX_PLATFORMS": "cpu"} if framework == "flaxcnn" and device == "cpu" else {}
+def worker_env(framework: str, settings: dict[str, Any]) -> dict[str, str]:
+    """``--device cpu`` pins JAX to its CPU backend. Threads are left as they are unless
+    ``--torch-threads`` says otherwise (applied by the torch worker, recorded in "machine")."""
+    return {"JAX_PLATFORMS": "cpu"} if framework == "flaxcnn" and settings["device"] == "cpu" else {}
 
 
-def run(settings: dict[str, Any]) -> dict[str, Any]:
+def run(settings: dict[str, Any], on_job_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every job; ``on_job_done(partial report)`` after each one (``"complete": False``)."""
     machine = {**machine_info(), "loadavg_before": load_average()}
-    results: list[dict[str, Any]] = []
+    report = {"machine": machine, "settings": settings, "results": [], "complete": False}
     with tempfile.TemporaryDirectory(prefix="flaxcnn-bench-init-") as init_dir:
         for job in plan_jobs(settings, init_dir):
             fw = job["framework"]
             print(f"[{fw}] {len(job['rows'])} row(s) in a new process", file=sys.stderr, flush=True)
-            out = run_isolated("benchmarks.measure:run_rows", job, env=worker_env(fw, settings["device"]), label=fw)
+            out = run_isolated("benchmarks.measure:run_rows", job, env=worker_env(fw, settings), label=fw)
             machine.update(out["info"])
-            results.extend(out["results"])
+            report["results"] = attach_ratios(report["results"] + out["results"])
+            if on_job_done:
+                on_job_done(report)
     machine["loadavg_after"] = load_average()
-    return {"machine": machine, "settings": settings, "results": attach_ratios(results)}
+    report["complete"] = True
+    return report
 
 
-def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> str:
+def output_paths(args: argparse.Namespace) -> dict[str, Path]:
     out_dir = Path(args.out_dir)
-    targets = {k: Path(getattr(args, k) or out_dir / f"train_throughput.{ext}")
-               for k, ext in (("json", "json"), ("markdown", "md"), ("png", "png"))}
+    return {k: Path(getattr(args, k) or out_dir / f"train_throughput.{ext}")
+            for k, ext in (("json", "json"), ("markdown", "md"), ("png", "png"))}
+
+
+def write_outputs(report: dict[str, Any], targets: dict[str, Path]) -> str:
+    """JSON, markdown and PNG; returns the markdown table."""
     for target in targets.values():
         target.parent.mkdir(parents=True, exist_ok=True)
     targets["json"].write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     targets["markdown"].write_text(table)
     bar_chart(report, targets["png"])
-    return table + "\nwrote " + ", ".join(str(t) for t in targets.values())
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    targets = output_paths(args)
     try:
-        report = run(settings_from(args))
+        if args.render:
+            report = json.loads(Path(args.render).read_text())
+        else:
+            report = run(settings_from(args), on_job_done=lambda partial: write_outputs(partial, targets))
     except FlaxcnnError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(write_outputs(report, args))
+    except (OSError, json.JSONDecodeError) as error:
+        print(f"error: cannot read --render {args.render}: {error}", file=sys.stderr)
+        return 2
+    print(write_outputs(report, targets) + "\nwrote " + ", ".join(str(t) for t in targets.values()))
     return 0
 
 

@@ -64,7 +64,20 @@ def config_from_args(args: argparse.Namespace):
     out = getattr(args, "out", None) or f"runs/{config.model}-{config.dataset}"
     config = dataclasses.replace(config, out=out)
     config.validate()
+    _check_classes(config)
     return config
+
+
+def _check_classes(config) -> None:
+    """Refuse bad --classes before any file is written (the data loader would, only later)."""
+    if config.classes is None:
+        return
+    from flaxcnn.data import dataset_domain
+    from flaxcnn.data.cifar import check_classes
+
+    if dataset_domain(config.dataset) != "cifar":
+        raise ConfigError("--classes applies to CIFAR data sets only")
+    check_classes(config.classes)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -74,6 +74,17 @@ class TrainConfig:
         need(self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        self.check_model_fits_dataset()
+
+    def check_model_fits_dataset(self) -> None:
+        from flaxcnn.data import dataset_domain
+        from flaxcnn.models.registry import MODELS, get_model
+
+        spec, domain = get_model(self.model), dataset_domain(self.dataset)
+        if spec.domain != domain:
+            fitting = ", ".join(n for n, s in MODELS.items() if s.domain == domain)
+            raise ConfigError(f"model {spec.name!r} is a {spec.domain} model and cannot train on "
+                              f"{self.dataset!r}; {domain} models: {fitting}")
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

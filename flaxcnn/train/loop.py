@@ -69,11 +69,6 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Sessio
     """Resolve defaults, load data (unless given), build the model, optimizer and jitted steps."""
     domain = dataset_domain(config.dataset)
     spec = get_model(config.model)
-    if spec.domain != domain:
-        raise ConfigError(
-            f"model {spec.name!r} is a {spec.domain} model and cannot train on {config.dataset!r}; "
-            f"{domain} models: " + ", ".join(n for n, s in _models().items() if s.domain == domain)
-        )
     config = config.resolved(domain)
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_dir, classes=config.classes, split=config.split,
@@ -91,12 +86,6 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Sessio
     arrays = {name: _to_device(split) for name, split in splits.items()}
     return Session(config, spec, dataset, graphs, tx, state, runner,
                    Evaluator(graphs, spec.loss, config.eval_batch_size), arrays)
-
-
-def _models():
-    from flaxcnn.models.registry import MODELS
-
-    return MODELS
 
 
 def _to_device(split: SplitArrays) -> tuple[jax.Array, jax.Array]:
@@ -139,6 +128,7 @@ def fit(config: TrainConfig, *, resume: bool = False, quiet: bool = False, overw
         dataset: Dataset | None = None) -> dict[str, Any]:
     """Train a run end to end and return its summary (also written to RUN_DIR/summary.json)."""
     wall_start = time.perf_counter()
+    config.validate()  # refuse bad settings before anything is created on disk
     run_dir = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
     if resume and (run_dir / "config.json").exists():
         saved = TrainConfig.from_json(read_json(run_dir / "config.json")["config"])

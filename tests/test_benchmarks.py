@@ -1,0 +1,156 @@
+"""The benchmark runners work end to end on tiny inputs and write what they promise.
+
+No timing is asserted: numbers depend on the machine and its load. What can fail is checked:
+the JSON layout, ratios to the lab loop, the markdown and PNG, that both frameworks start
+from the same weights (their losses on the same batches agree), errors for bad options.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import time_to_accuracy, train_throughput
+from benchmarks.report import attach_ratios, markdown
+
+ROW_KEYS = {"framework", "path", "model", "batch_size", "samples_per_second", "warmup_seconds", "peak_rss_mb",
+            "ratio_vs_lab_loop", "eval_samples_per_second", "default_path"}
+MACHINE_KEYS = {"cpu_model", "cpu_count", "torch", "torch_num_threads", "jax", "jax_backend", "XLA_FLAGS",
+                "loadavg_before", "loadavg_after"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("throughput")
+    code = train_throughput.main(["--models", "net", "--batch-sizes", "64", "--samples", "256", "--epochs", "2",
+                                  "--out-dir", str(out)])
+    assert code == 0
+    return json.loads((out / "train_throughput.json").read_text()), out
+
+
+def test_json_has_the_required_layout(tiny_run):
+    report, _ = tiny_run
+    assert MACHINE_KEYS <= set(report["machine"])
+    assert report["complete"] is True
+    rows = {(r["framework"], r["path"]): r for r in report["results"]}
+    assert set(rows) == {("torch", "lab-loop"), ("torch", "torch-sliced"), ("flaxcnn", "step"), ("flaxcnn", "scan")}
+    for row in rows.values():
+        assert "error" not in row, row.get("error")
+        assert ROW_KEYS <= set(row)
+        assert (row["model"], row["batch_size"], row["samples"]) == ("net", 64, 256)
+        for key in ("samples_per_second", "eval_samples_per_second", "peak_rss_mb"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+        assert len(row["epoch_seconds"]) == 2
+        assert row["ratio_vs_lab_loop"] == pytest.approx(row["samples_per_second"]
+                                                         / rows["torch", "lab-loop"]["samples_per_second"])
+    assert rows["torch", "lab-loop"]["ratio_vs_lab_loop"] == 1.0
+    defaults = [path for (fw, path), r in rows.items() if r["default_path"]]
+    assert defaults == [report["machine"]["flaxcnn_default_path"]]
+
+
+def test_same_init_and_batches_give_the_same_losses(tiny_run):
+    """torch-sliced and flaxcnn read the same permutation from the same init: the summed batch
+    losses of every epoch must agree, or the comparison is not like for like."""
+    rows = {(r["framework"], r["path"]): r for r in tiny_run[0]["results"]}
+    reference = rows["torch", "torch-sliced"]["train_loss_sum_per_epoch"]
+    for path in ("step", "scan"):
+        np.testing.assert_allclose(rows["flaxcnn", path]["train_loss_sum_per_epoch"], reference, rtol=1e-4)
+    assert rows["flaxcnn", "step"]["init"] == "the PyTorch process's init"
+
+
+def test_markdown_and_png_are_written(tiny_run):
+    report, out = tiny_run
+    table = (out / "train_throughput.md").read_text()
+    assert table == markdown(report)
+    assert sum(line.startswith("| net | 64 |") for line in table.splitlines()) == 4
+    assert "step (default)" in table or "scan (default)" in table
+    assert (out / "train_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_redraws_from_json(tiny_run, tmp_path):
+    _, out = tiny_run
+    code = train_throughput.main(["--render", str(out / "train_throughput.json"), "--out-dir", str(tmp_path)])
+    assert code == 0
+    assert (tmp_path / "train_throughput.md").read_text() == (out / "train_throughput.md").read_text()
+
+
+def _row(framework, path, sps, model="net", batch=64, **extra):
+    return {"framework": framework, "path": path, "model": model, "batch_size": batch, "samples_per_second": sps,
+            "eval_samples_per_second": 2 * sps, "warmup_seconds": 0.5, "peak_rss_mb": 100.0, **extra}
+
+
+def test_ratios_use_the_lab_loop_of_the_same_model_and_batch():
+    rows = attach_ratios([
+        _row("torch", "lab-loop", 100.0), _row("flaxcnn", "step", 150.0), _row("torch", "lab-loop", 50.0, batch=256),
+        _row("flaxcnn", "step", 200.0, batch=256), _row("flaxcnn", "scan", 10.0, model="convnet"),
+        {**_row("torch", "torch-compile", 0.0), "error": "RuntimeError: no compiler"},
+    ])
+    assert [r["ratio_vs_lab_loop"] for r in rows] == [1.0, 1.5, 1.0, 4.0, None, None]
+    assert rows[1]["eval_ratio_vs_lab_loop"] == 1.5
+    table = markdown({"machine": {"cpu_model": "x", "cpu_count": 2}, "results": rows, "settings": {
+        "device": "cpu", "samples": 1, "data": "d", "epochs": 3, "warmup_method": "w", "eval_batch": 1000,
+        "process_per": "model", "models": ["net", "convnet"]}})
+    assert "failed: RuntimeError: no compiler" in table
+    assert "| convnet | 64 | flaxcnn | scan | 10 | —x |" in table
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--models", "no-such-net"], "choose one of"),
+    (["--batch-sizes", "sixty"], "--batch-sizes takes integers"),
+    (["--paths", "warp"], "accepted: torch-sliced, step, scan"),
+    (["--epochs", "0"], "--epochs and --samples must be >= 1"),
+])
+def test_bad_options_are_reported(argv, fragment, capsys, tmp_path):
+    assert train_throughput.main([*argv, "--out-dir", str(tmp_path)]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("per, expected", [
+    ("framework", [("torch", ["lab-loop", "lab-loop"]), ("flaxcnn", ["step", "step"])]),
+    ("model", [("torch", ["lab-loop"]), ("flaxcnn", ["step"])] * 2),
+])
+def test_each_framework_runs_in_its_own_processes_torch_first(per, expected):
+    settings = train_throughput.settings_from(train_throughput.parse_args(
+        ["--models", "net", "convnet", "--batch-sizes", "64", "--paths", "step", "--process-per", per]))
+    jobs = train_throughput.plan_jobs(settings, "/tmp/init")
+    assert [(j["framework"], [r["path"] for r in j["rows"]]) for j in jobs] == expected
+
+
+def _write_cifar(folder: Path, rng: np.random.Generator) -> None:
+    """A tiny ``cifar-10-batches-py`` with classes 0 and 2 only."""
+    folder.mkdir()
+    for name, n in [(f"data_batch_{i}", 40) for i in range(1, 6)] + [("test_batch", 30)]:
+        labels = [int(v) for v in rng.permutation(np.arange(n) % 2 * 2)]
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels, b"batch_label": name.encode(),
+                                                  b"filenames": [b"f.png"] * n}))
+
+
+def test_time_to_accuracy_race_stops_at_the_target(tmp_path):
+    _write_cifar(tmp_path / "cifar-10-batches-py", np.random.default_rng(0))
+    settings = time_to_accuracy.settings_from(time_to_accuracy.parse_args(
+        ["--data-dir", str(tmp_path), "--target", "0.01", "--max-epochs", "3", "--batch-size", "50"]))
+    init_dir = tmp_path / "init"
+    init_dir.mkdir()
+    results = [time_to_accuracy.race({**settings, "framework": fw, "path": path, "init_dir": str(init_dir)})["result"]
+               for fw, path in (("torch", "lab-loop"), ("flaxcnn", "step"))]
+    for result in results:
+        assert result["reached"] and result["epochs_to_target"] == 1 and result["epochs_run"] == 1
+        assert result["seconds_to_target"] >= result["train_seconds_to_target"] > 0
+        assert (result["train_samples"], result["test_samples"]) == (200, 30)
+    assert results[1]["init"] == "the PyTorch process's init"
+    report = {"machine": {"cpu_model": "x", "cpu_count": 2}, "settings": settings, "results": results}
+    assert time_to_accuracy.markdown(report).count("| 1 |") == 2
+
+
+def test_time_to_accuracy_checks_its_options(tmp_path, capsys):
+    assert time_to_accuracy.main(["--data-dir", str(tmp_path / "absent"), "--json", str(tmp_path / "t.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert time_to_accuracy.main(["--data-dir", str(tmp_path), "--target", "1.5"]) == 2
+    assert "--target is an accuracy" in capsys.readouterr().err

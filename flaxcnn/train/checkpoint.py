@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flaxcnn.errors import TrainingError
 from flaxcnn.train.state import TrainState
 
 
@@ -38,6 +40,13 @@ def _from_savable(saved: dict, template: TrainState) -> TrainState:
     return template.replace(**restored)
 
 
+def _drop_step(manager: ocp.CheckpointManager, epoch: int) -> None:
+    """Make room for ``epoch``: a resumed run trains again an epoch that may already have a step,
+    an unreadable one that ``restore`` skipped or a ``best`` saved after the resumed ``latest``."""
+    if epoch in manager.all_steps():
+        manager.delete(epoch)
+
+
 class Checkpoints:
     """``save_latest``/``save_best`` after an epoch; ``restore_latest`` for ``--resume``."""
 
@@ -50,10 +59,12 @@ class Checkpoints:
         self.best_info_path = root / "best.json"
 
     def save_latest(self, epoch: int, state: TrainState) -> None:
+        _drop_step(self.latest, epoch)
         self.latest.save(epoch, args=ocp.args.StandardSave(_to_savable(state)))
         self.latest.wait_until_finished()
 
     def save_best(self, epoch: int, state: TrainState, info: dict) -> None:
+        _drop_step(self.best, epoch)
         self.best.save(epoch, args=ocp.args.StandardSave(_to_savable(state)), force=True)
         self.best.wait_until_finished()
         tmp = self.best_info_path.with_suffix(".tmp")
@@ -64,13 +75,27 @@ class Checkpoints:
         return self.latest.latest_step()
 
     def restore(self, which: str, template: TrainState, epoch: int | None = None) -> tuple[int, TrainState]:
+        """``epoch``'s checkpoint, or the newest one that can be read: a step whose files were cut
+        (a crash on a file system without atomic renames, a full disk) is reported on stderr and
+        the step before it is used. TrainingError when no step can be read."""
         manager = self.latest if which == "latest" else self.best
-        epoch = manager.latest_step() if epoch is None else epoch
-        if epoch is None:
+        steps = sorted(manager.all_steps(), reverse=True) if epoch is None else [epoch]
+        if not steps:
             raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_savable(template))
-        saved = manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-        return epoch, _from_savable(saved, template)
+        problems = []
+        for step in steps:
+            try:
+                saved = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise plain Exception
+                problems.append(f"epoch {step}: {(str(error).splitlines() or [''])[0][:160]}")
+                continue
+            if problems:
+                print(f"flaxcnn: warning: unreadable {which} checkpoint(s) in {manager.directory} "
+                      f"({'; '.join(problems)}); using the one of epoch {step}", file=sys.stderr)
+            return step, _from_savable(saved, template)
+        raise TrainingError(f"no {which} checkpoint in {manager.directory} can be read ({'; '.join(problems)}); "
+                            "start the run again with --overwrite")
 
     def close(self) -> None:
         self.latest.close()

@@ -37,6 +37,7 @@ class TrainConfig:
     path: str = "auto"  # auto | step | scan (see flaxcnn.train.steps)
     eval_batch_size: int = 1000
     checkpoint_every: int = 1
+    devices: int | None = None  # data parallel over this many local devices per process (None: all)
     num_classes: int | None = None  # default: the data set's number of classes
     preset: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +75,9 @@ class TrainConfig:
         need(self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        need(self.devices is None or (isinstance(self.devices, int) and not isinstance(self.devices, bool)
+                                      and self.devices >= 1),
+             f"--devices must be an integer >= 1, got {self.devices}")
         self.check_model_fits_dataset()
 
     def check_model_fits_dataset(self) -> None:

@@ -160,3 +160,29 @@ class ConvNet(nn.Module):
         x = self.drop1(x)
         x = self.fc2(x)
         return F.log_softmax(x, dim=1)
+
+
+class SpeechNet(nn.Module):
+    """The speech lab's exercise answer (``flaxcnn.models.speech.SpeechNet``): input BatchNorm,
+    conv3x3-BN-ReLU blocks with max-pool 2 between them, global average pooling, dropout, fc,
+    log_softmax."""
+
+    def __init__(self, num_classes: int = 35, channels: tuple[int, ...] = (8, 16, 32, 64),
+                 dropout: float = 0.3):
+        super().__init__()
+        self.num_blocks = len(channels)
+        self.bn0 = nn.BatchNorm2d(1)
+        for i, (c_in, c_out) in enumerate(zip((1, *channels[:-1]), channels), start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(c_out))
+        self.drop = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, x):
+        x = self.bn0(x)
+        for i in range(1, self.num_blocks + 1):
+            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+            if i < self.num_blocks:
+                x = F.max_pool2d(x, 2)
+        x = self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return F.log_softmax(self.fc(x), dim=1)

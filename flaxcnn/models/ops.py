@@ -25,3 +25,8 @@ def max_pool(x: jax.Array, k: int) -> jax.Array:
     ho, wo = h // k, w // k
     x = x[:, : ho * k, : wo * k, :]
     return jnp.max(x.reshape(n, ho, k, wo, k, c), axis=(2, 4))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """``F.adaptive_avg_pool2d(x, 1).flatten(1)`` on an NHWC batch: (N, H, W, C) -> (N, C)."""
+    return jnp.mean(x, axis=(1, 2))

@@ -83,3 +83,5 @@ register(ModelSpec("net-batchnorm", cifar.NetBatchNorm, "parity.references:NetBa
                    "cross_entropy", "cifar", description="lab 8 NetBatchNorm(32): BN after each conv"))
 register(ModelSpec("convnet", speech.ConvNet, "parity.references:ConvNet", _SPEECH, "nll", "speech",
                    description="speech lab ConvNet: conv10(k10)-pool4-fc100"))
+register(ModelSpec("speechnet", speech.SpeechNet, "parity.references:SpeechNet", _SPEECH, "nll", "speech",
+                   description="speech lab exercise: input BN, conv3x3-BN-ReLU x4 (8-16-32-64), GAP, fc"))

@@ -8,9 +8,11 @@ Typed PRNG keys (the dropout streams) are stored as their raw key data and re-wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,21 @@ def _drop_step(manager: ocp.CheckpointManager, epoch: int) -> None:
         manager.delete(epoch)
 
 
+@contextlib.contextmanager
+def _writing(manager: ocp.CheckpointManager, epoch: int) -> Iterator[None]:
+    """A failed write (full disk, lost permission) as a TrainingError. orbax leaves the partial
+    step in a temporary folder that restore ignores, so the earlier checkpoints stay usable."""
+    try:
+        yield
+    except (OSError, ValueError) as error:  # orbax reports tensorstore's RESOURCE_EXHAUSTED as ValueError
+        text = (str(error).splitlines() or [""])[0]
+        reason = getattr(error, "strerror", None) or text.rsplit(": ", 1)[-1]
+        raise TrainingError(
+            f"cannot write the checkpoint of epoch {epoch} in {manager.directory}: {reason}. The "
+            "checkpoints of earlier epochs are kept: make room and continue with --resume"
+        ) from error
+
+
 class Checkpoints:
     """``save_latest``/``save_best`` after an epoch; ``restore_latest`` for ``--resume``."""
 
@@ -60,13 +77,15 @@ class Checkpoints:
 
     def save_latest(self, epoch: int, state: TrainState) -> None:
         _drop_step(self.latest, epoch)
-        self.latest.save(epoch, args=ocp.args.StandardSave(_to_savable(state)))
-        self.latest.wait_until_finished()
+        with _writing(self.latest, epoch):
+            self.latest.save(epoch, args=ocp.args.StandardSave(_to_savable(state)))
+            self.latest.wait_until_finished()
 
     def save_best(self, epoch: int, state: TrainState, info: dict) -> None:
         _drop_step(self.best, epoch)
-        self.best.save(epoch, args=ocp.args.StandardSave(_to_savable(state)), force=True)
-        self.best.wait_until_finished()
+        with _writing(self.best, epoch):
+            self.best.save(epoch, args=ocp.args.StandardSave(_to_savable(state)), force=True)
+            self.best.wait_until_finished()
         tmp = self.best_info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"epoch": epoch, **info}, indent=2))
         os.replace(tmp, self.best_info_path)

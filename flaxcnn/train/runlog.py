@@ -91,7 +91,13 @@ class MetricsLog:
         return rows
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:  # a full disk: the earlier rows and checkpoints are intact
+            raise TrainingError(
+                f"cannot append epoch {row.get('epoch')} to {self.path}: {error.strerror or error}. "
+                "Earlier epochs are kept: make room and continue with --resume"
+            ) from error

@@ -35,7 +35,7 @@ from flaxcnn.data import Dataset, SplitArrays
 from flaxcnn.train.checkpoint import Checkpoints
 from flaxcnn.train.config import TrainConfig
 from flaxcnn.train.loop import load_run
-from flaxcnn.train.runlog import holds_a_run, prepare_run_dir
+from flaxcnn.train.runlog import MetricsLog, holds_a_run, prepare_run_dir
 from flaxcnn.train.state import TrainState
 
 PER_BATCH = 96  # x 5 train batches: 480 training images, 96 test images
@@ -338,6 +338,14 @@ def test_a_full_disk_is_refused_before_training(data_dir, tmp_path, capsys, monk
     assert list(out.iterdir()) == []
     with pytest.raises(TrainingError, match="only 10.0 MiB free"):
         loop.fit(TrainConfig(out=str(tmp_path / "api"), data_dir=str(data_dir), epochs=1))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_metrics_row_that_cannot_be_written(tmp_path):
+    """/dev/full fails every write with ENOSPC, like a full disk."""
+    with pytest.raises(TrainingError, match="cannot append epoch 3 to /dev/full: No space left on device. "
+                                            "Earlier epochs are kept"):
+        MetricsLog(Path("/dev/full")).append({"epoch": 3, "train_loss": 0.5})
 
 
 # ---------------------------------------------------------------- determinism

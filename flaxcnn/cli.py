@@ -32,7 +32,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, help="CIFAR: hold out this fraction of train as validation")
     p.add_argument("--epochs", type=int, help="default 100 (lab 8) / 150 (speech)")
     p.add_argument("--batch-size", type=int, help="default 64 (lab 8) / 256 (speech)")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.01)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.01 for lab 8, 0.001 for speech)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0 for lab 8, 0.9 for speech)")
     p.add_argument("--weight-decay", type=float, help="torch SGD weight_decay")
     p.add_argument("--l2", type=float, help="lab 8's explicit penalty lambda * sum of parameter L2 norms")
@@ -46,7 +47,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 
 _FIELDS = {"model": "model", "dataset": "dataset", "classes": "classes", "data_dir": "data_dir", "split": "split",
            "val_fraction": "val_fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-           "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "seed": "seed", "init": "init",
+           "schedule": "schedule", "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "seed": "seed", "init": "init",
            "shuffle": "shuffle", "path": "path", "checkpoint_every": "checkpoint_every"}
 
 

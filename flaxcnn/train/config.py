@@ -14,6 +14,7 @@ from typing import Any
 from flaxcnn.errors import ConfigError
 
 PATHS = ("auto", "step", "scan")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -27,7 +28,8 @@ class TrainConfig:
     val_fraction: float = 0.0  # CIFAR: hold out this much of train as validation
     epochs: int | None = None  # lab defaults: 100 (lab 8), 150 (speech)
     batch_size: int | None = None  # 64 (lab 8), 256 (speech)
-    lr: float = 1e-2
+    lr: float | None = None  # 1e-2 (lab 8); speech 1e-3, the top of the lab's LR-finder range
+    schedule: str = "constant"  # constant | cosine (decays to 0 over the run)
     momentum: float | None = None  # 0 (lab 8 plain SGD), 0.9 (speech lab)
     weight_decay: float = 0.0  # torch SGD weight_decay semantics
     l2: float = 0.0  # lab 8's explicit penalty: l2 * sum of each parameter tensor's L2 norm
@@ -50,6 +52,7 @@ class TrainConfig:
             epochs=self.epochs if self.epochs is not None else (100 if lab8 else 150),
             batch_size=self.batch_size if self.batch_size is not None else (64 if lab8 else 256),
             momentum=self.momentum if self.momentum is not None else (0.0 if lab8 else 0.9),
+            lr=self.lr if self.lr is not None else (1e-2 if lab8 else 1e-3),
         )
         cfg.validate()
         return cfg
@@ -63,7 +66,9 @@ class TrainConfig:
              f"--epochs must be an integer >= 1, got {self.epochs}")
         need(self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
              f"--batch-size must be an integer >= 1, got {self.batch_size}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+             f"--lr must be a positive number, got {self.lr}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(self.momentum is None or (math.isfinite(self.momentum) and 0 <= self.momentum < 1),
              f"--momentum must be in [0, 1), got {self.momentum}")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
@@ -121,9 +126,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                                   epochs=100, momentum=0.0)),
     "lab8-batchnorm": ("lab 8: NetBatchNorm(32)", dict(model="net-batchnorm", dataset="cifar2", lr=1e-2,
                                                       batch_size=64, epochs=100, momentum=0.0)),
-    "speech-convnet": ("speech lab: ConvNet, SGD momentum 0.9, batch 256, 150 epochs, the lab's split",
-                       dict(model="convnet", dataset="speech", split="lab", lr=1e-2, momentum=0.9, batch_size=256,
+    "speech-convnet": ("speech lab: ConvNet, SGD momentum 0.9, batch 256, 150 epochs, the lab's split, lr 1e-3 "
+                       "(the lab trains with its LR finder's suggestion from a 1e-8..1e-3 sweep: add --lr-find)",
+                       dict(model="convnet", dataset="speech", split="lab", lr=1e-3, momentum=0.9, batch_size=256,
                             epochs=150)),
+    "speech-speechnet": ("the speech lab's exercise: SpeechNet on speakers unseen in training",
+                         dict(model="speechnet", dataset="speech", split="speaker", lr=2e-2, momentum=0.9,
+                              batch_size=64, epochs=40, weight_decay=5e-4, schedule="cosine")),
 }
 
 

@@ -35,7 +35,7 @@ from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.models.registry import ModelSpec, get_model
 from flaxcnn.train.checkpoint import Checkpoints
 from flaxcnn.train.config import TrainConfig
-from flaxcnn.train.optim import sgd
+from flaxcnn.train.optim import learning_rate, sgd
 from flaxcnn.train.plots import plot_curves
 from flaxcnn.train.progress import EpochProgress, is_interactive, say
 from flaxcnn.train.runlog import MetricsLog, prepare_run_dir, read_json, write_json
@@ -75,7 +75,9 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Sessio
                                val_fraction=config.val_fraction)
     num_classes = config.num_classes or dataset.num_classes
     model = spec.build(num_classes, seed=config.seed, init=config.init)
-    tx = sgd(config.lr, config.momentum or 0.0, config.weight_decay)
+    steps_per_epoch = -(-len(dataset.train) // config.batch_size)
+    lr = learning_rate(config.lr, config.schedule, config.epochs * steps_per_epoch)
+    tx = sgd(lr, config.momentum or 0.0, config.weight_decay)
     graphs, state = create_state(model, tx)
     path = default_path() if config.path == "auto" else config.path
     config = dataclasses.replace(config, path=path)
@@ -169,7 +171,8 @@ def fit(config: TrainConfig, *, resume: bool = False, quiet: bool = False, overw
                     + f"Lower the learning rate (--lr {config.lr:g} now) or check the input data."
                 )
             val = session.evaluate(state, session.val_split)
-            row = epoch_row(epoch, sums, seconds, val, session.val_split, config.lr)
+            row = epoch_row(epoch, sums, seconds, val, session.val_split,
+                            float(state.opt_state.hyperparams["learning_rate"]))
             log.append(row)
             rows.append(row)
             if epoch % config.checkpoint_every == 0 or epoch == config.epochs:

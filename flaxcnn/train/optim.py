@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import optax
 
 
-def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+def sgd(lr: float | optax.Schedule, momentum: float = 0.0, weight_decay: float = 0.0
+        ) -> optax.GradientTransformation:
     """``torch.optim.SGD(lr, momentum, weight_decay)`` (dampening 0, no Nesterov).
 
     torch adds ``weight_decay * p`` to the gradient *before* the momentum buffer, which is
     ``add_decayed_weights`` chained in front of ``optax.sgd``. optax's trace starts at zero,
     so its first step equals torch's (whose buffer starts as a copy of the first gradient).
-    The learning rate is an injected hyperparameter so the LR finder can sweep it.
+    The learning rate is an injected hyperparameter so the LR finder can sweep it; it may also
+    be an optax schedule (a function of the step count).
     """
 
     def make(learning_rate):
@@ -42,3 +44,10 @@ def l2_penalty(params) -> jax.Array:
     norm of each parameter tensor, summed. ``optax.safe_norm`` gives gradient 0 at a zero
     tensor, as torch's norm backward does (a plain sqrt would give NaN)."""
     return sum(optax.safe_norm(p, 0.0) for p in jax.tree.leaves(params))
+
+
+def learning_rate(base: float, schedule: str, total_steps: int) -> float | optax.Schedule:
+    """``constant``: ``base``; ``cosine``: cosine decay from ``base`` to 0 over ``total_steps``."""
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(base, decay_steps=max(total_steps, 1))
+    return base

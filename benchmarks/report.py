@@ -58,7 +58,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# Training throughput: flaxcnn vs the labs' PyTorch loops",
         "",
         f"- machine: {m['cpu_model']}, {m['cpu_count']} cores; load average before {m.get('loadavg_before')}, "
-        f"after {m.get('loadavg_after')}",
+        + (f"after {m.get('loadavg_after')}" if report.get("complete", True)
+           else f"at the last finished process {m.get('loadavg_latest')} (run incomplete)"),
         f"- torch {m.get('torch')} ({threads_note(m)}); jax {m.get('jax')} "
         f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}); device {s['device']}",
         f"- {s['samples']} samples per epoch ({s['data']}); train samples/s: median of {s['epochs']} epochs "

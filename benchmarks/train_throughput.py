@@ -128,6 +128,7 @@ def run(settings: dict[str, Any], on_job_done: Callable[[dict[str, Any]], None] 
             out = run_isolated("benchmarks.measure:run_rows", job, env=worker_env(fw, settings), label=fw)
             machine.update(out["info"])
             report["results"] = attach_ratios(report["results"] + out["results"])
+            machine["loadavg_latest"] = load_average()
             if on_job_done:
                 on_job_done(report)
     machine["loadavg_after"] = load_average()

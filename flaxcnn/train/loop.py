@@ -33,12 +33,13 @@ from flaxcnn.data import Dataset, SplitArrays, dataset_domain, load_dataset
 from flaxcnn.data.batching import epoch_permutation
 from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.models.registry import ModelSpec, get_model
+from flaxcnn.train import distributed
 from flaxcnn.train.checkpoint import Checkpoints
 from flaxcnn.train.config import TrainConfig
 from flaxcnn.train.optim import learning_rate, sgd
 from flaxcnn.train.plots import plot_curves
 from flaxcnn.train.progress import EpochProgress, is_interactive, say
-from flaxcnn.train.runlog import MetricsLog, prepare_run_dir, read_json, write_json
+from flaxcnn.train.runlog import read_json, write_json
 from flaxcnn.train.state import Graphs, TrainState, create_state
 from flaxcnn.train.steps import EpochRunner, Evaluator, default_path, make_train_step
 
@@ -86,8 +87,9 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Sessio
     if dataset.val is not None:
         splits["val"] = dataset.val
     arrays = {name: _to_device(split) for name, split in splits.items()}
-    return Session(config, spec, dataset, graphs, tx, state, runner,
-                   Evaluator(graphs, spec.loss, config.eval_batch_size), arrays)
+    session = Session(config, spec, dataset, graphs, tx, state, runner,
+                      Evaluator(graphs, spec.loss, config.eval_batch_size), arrays)
+    return distributed.data_parallel(session)  # unchanged on one device in one process
 
 
 def _to_device(split: SplitArrays) -> tuple[jax.Array, jax.Array]:
@@ -131,19 +133,24 @@ def fit(config: TrainConfig, *, resume: bool = False, quiet: bool = False, overw
     """Train a run end to end and return its summary (also written to RUN_DIR/summary.json)."""
     wall_start = time.perf_counter()
     config.validate()  # refuse bad settings before anything is created on disk
-    run_dir = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
+    primary = distributed.is_primary()  # several processes: process 0 writes the run's files
+    quiet = quiet or not primary
+    run_dir = distributed.prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
     if resume and (run_dir / "config.json").exists():
         saved = TrainConfig.from_json(read_json(run_dir / "config.json")["config"])
-        config = dataclasses.replace(saved, epochs=config.epochs or saved.epochs, out=config.out)
+        config = dataclasses.replace(saved, epochs=config.epochs or saved.epochs, out=config.out,
+                                     devices=config.devices)
     session = build_session(config, dataset)
     config = session.config
-    say(f"data: {session.dataset.source}", quiet=quiet)
-    write_json(run_dir / "config.json", {"config": config.to_json(), "dataset": {
-        "name": session.dataset.name, "source": session.dataset.source, "class_names": list(session.dataset.class_names),
-        "info": session.dataset.info}, "backend": jax.default_backend()})
+    say(f"data: {session.dataset.source}; training on {distributed.describe(config.devices)}", quiet=quiet)
+    if primary:
+        write_json(run_dir / "config.json", {"config": config.to_json(), "dataset": {
+            "name": session.dataset.name, "source": session.dataset.source,
+            "class_names": list(session.dataset.class_names), "info": session.dataset.info},
+            "backend": jax.default_backend()})
 
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    checkpoints = Checkpoints(run_dir)
+    log = distributed.metrics_log(run_dir / "metrics.jsonl")
+    checkpoints = distributed.checkpoints(run_dir)
     state, start_epoch, rows = session.state, 0, []
     if resume and checkpoints.latest_epoch() is not None:
         start_epoch, state = checkpoints.restore("latest", state)
@@ -188,8 +195,9 @@ def fit(config: TrainConfig, *, resume: bool = False, quiet: bool = False, overw
         checkpoints.close()
 
     summary = summarize(session, state, rows, time.perf_counter() - wall_start)
-    write_json(run_dir / "summary.json", summary)
-    if rows:
+    if primary:
+        write_json(run_dir / "summary.json", summary)
+    if rows and primary:
         plot_curves(rows, run_dir / "curves.png", f"{config.model} on {session.dataset.name}")
     say(f"final: train accuracy {summary['train_accuracy']:.4f}  test accuracy {summary['test_accuracy']:.4f}"
         f"  ({summary['seconds']:.1f} s training, {summary['samples_per_second']:,.0f} samples/s)  -> {run_dir}",

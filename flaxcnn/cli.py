@@ -43,12 +43,23 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="keep the training order fixed (the speech lab's DataLoader does not shuffle)")
     p.add_argument("--path", choices=["auto", "step", "scan"], help="training loop path (default: by backend)")
     p.add_argument("--checkpoint-every", type=int, help="save the latest checkpoint every N epochs (default 1)")
+    p.add_argument("--devices", type=int, help="data parallel over this many local devices per process; the "
+                   "global batch is split over them (default: all local devices)")
+
+
+def _add_process_options(p: argparse.ArgumentParser) -> None:
+    """One process per host, joined by jax.distributed (see docs/scaling.md)."""
+    g = p.add_argument_group("multi-process (default: the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                             "JAX_PROCESS_ID environment variables; none set: one process)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    g.add_argument("--num-processes", type=int, help="number of processes in the job")
+    g.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
 
 
 _FIELDS = {"model": "model", "dataset": "dataset", "classes": "classes", "data_dir": "data_dir", "split": "split",
            "val_fraction": "val_fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "schedule": "schedule", "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "seed": "seed", "init": "init",
-           "shuffle": "shuffle", "path": "path", "checkpoint_every": "checkpoint_every"}
+           "shuffle": "shuffle", "path": "path", "checkpoint_every": "checkpoint_every", "devices": "devices"}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -82,9 +93,11 @@ def _check_classes(config) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from flaxcnn.train import distributed
     from flaxcnn.train.loop import fit
 
     config = config_from_args(args)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.lr_find:
         from flaxcnn.train.lr_finder import find_lr
 
@@ -181,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished or broken run in --out")
     p.add_argument("--lr-find", action="store_true", help="run the LR finder first and train with its suggestion")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _add_process_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy and loss of a run's checkpoint on every split")

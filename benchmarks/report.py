@@ -48,7 +48,8 @@ def _path_label(row: dict[str, Any]) -> str:
 def threads_note(machine: dict[str, Any]) -> str:
     threads = machine.get("torch_num_threads")
     forced = machine.get("torch_threads_set_by_option")
-    return f"{threads} thread{'' if threads == 1 else 's'}" + (" set by --torch-threads" if forced else ", torch's default")
+    noun = "thread" if threads == 1 else "threads"
+    return f"{threads} {noun}" + (" set by --torch-threads" if forced else ", torch's default")
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -139,7 +139,8 @@ def markdown(report: dict[str, Any]) -> str:
         "- wall seconds from after data loading (model build, compile, training and per-epoch test "
         f"evaluation included) until test accuracy >= {s['target']}; at most {s['max_epochs']} epochs",
         "",
-        "| framework | path | seconds to target | epochs | train seconds | s/epoch | best test acc | data load s (excluded) |",
+        "| framework | path | seconds to target | epochs | train seconds | s/epoch | best test acc "
+        "| data load s (excluded) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:

@@ -89,7 +89,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
                  + (["torch-compile"] if args.torch_compile else []),
         "data_dirs": {"cifar": args.data_dir, "speech": args.speech_dir},
         "data": "real data for " + data + ", synthetic otherwise" if data else "synthetic N(0, 1) images",
-        "process_per": args.process_per, "torch_threads": args.torch_threads, "warmup_method": WARMUP_METHOD, "eval_batch": EVAL_BATCH,
+        "process_per": args.process_per, "torch_threads": args.torch_threads,
+        "warmup_method": WARMUP_METHOD, "eval_batch": EVAL_BATCH,
     }
 
 

@@ -19,6 +19,20 @@ def _classes(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _number_list(kind: type, flag: str):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values, e.g. "
+                                             f"{'0,1,2,3' if kind is int else '0.01,0.05'}; got {text!r}")
+        return values
+
+    return parse
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     from flaxcnn.data import DATASETS
     from flaxcnn.models.registry import MODELS
@@ -106,6 +120,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training with the suggested learning rate {result.suggestion:.3g}")
     fit(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flaxcnn.train.sweep import run_sweep
+
+    config = config_from_args(args)
+    failed = [m for m in run_sweep(config, args.out or f"runs/sweep-{config.model}-{config.dataset}",
+                                   seeds=args.seeds, lrs=args.lrs, weight_decays=args.weight_decays,
+                                   strategy=args.strategy, overwrite=args.overwrite,
+                                   quiet=args.quiet)["members"] if m["status"] != "ok"]
+    return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -196,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_process_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="train every combination of --seeds/--lrs/--weight-decays, one run each")
+    _add_training_options(p)
+    p.add_argument("--seeds", type=_number_list(int, "--seeds"), help="e.g. 0,1,2,3 (default: --seed)")
+    p.add_argument("--lrs", type=_number_list(float, "--lrs"), help="e.g. 0.01,0.05 (default: --lr)")
+    p.add_argument("--weight-decays", type=_number_list(float, "--weight-decays"),
+                   help="e.g. 0,0.001 (default: --weight-decay)")
+    p.add_argument("--strategy", choices=["auto", "sequential", "vmap"], default="auto",
+                   help="vmap: one compiled program for all models; sequential: one run after another; "
+                        "auto: sequential on CPU, vmap elsewhere (see docs/scaling.md)")
+    p.add_argument("--out", help="sweep directory, one run directory per combination inside "
+                                 "(default runs/sweep-MODEL-DATASET)")
+    p.add_argument("--overwrite", action="store_true", help="replace runs of the same names in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="accuracy and loss of a run's checkpoint on every split")
     p.add_argument("--run", required=True)

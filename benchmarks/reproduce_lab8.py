@@ -73,11 +73,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/lab8")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset("cifar2", args.data_dir)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     results_path = out / "lab8.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for key in args.runs.split(","):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,23 @@ def memory_total_mb() -> float | None:
     return None
 
 
+def code_version() -> dict[str, Any]:
+    """The commit being measured, and whether flaxcnn/ had uncommitted changes (the engine
+    changes often; a number is only meaningful with the code that produced it)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--", "flaxcnn")
+    return {"git_commit": git("rev-parse", "HEAD"), "flaxcnn_uncommitted_changes": bool(status) if status is not None
+            else None}
+
+
 def machine_info() -> dict[str, Any]:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
@@ -47,4 +65,5 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS",
                                                   "JAX_PLATFORMS") if k in os.environ},
+        **code_version(),
     }

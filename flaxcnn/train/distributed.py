@@ -88,7 +88,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                           f"got {process_id}")
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except Exception as error:  # noqa: BLE001 - JAX raises RuntimeError / XlaRuntimeError / ValueError here
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise TrainingError(f"process {process_id} of {num_processes} could not join the job at {coordinator}: "
+                            f"{first}") from None
     return True
 
 

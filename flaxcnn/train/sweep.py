@@ -305,6 +305,7 @@ def run_sweep(base: TrainConfig, out: str | Path, *, seeds: Sequence[int] | None
         dataset = load_dataset(first.dataset, first.data_dir, classes=first.classes, split=first.split,
                                val_fraction=first.val_fraction)
     say(f"sweep: {len(configs)} runs of {first.model} on {dataset.name}, strategy {chosen}"
+        f"{' (all models on one device)' if chosen == 'vmap' else ''}"
         f"{' (auto on ' + jax.default_backend() + ')' if strategy == 'auto' else ''} -> {out}", quiet=quiet)
     start = time.perf_counter()
     train = train_vmapped if chosen == "vmap" else train_sequential

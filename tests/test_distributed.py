@@ -134,6 +134,11 @@ def equivalence_worker() -> dict:
                    batch_stats=_max_diff(_float_state(a)[1], _float_state(b)[1]),
                    sums=[np.asarray(a.metrics).tolist(), np.asarray(b.metrics).tolist()])
         report[model] = row
+    try:
+        build_session(TrainConfig(batch_size=30, epochs=1, devices=4), dataset)
+        report["batch_30_on_4_devices"] = "accepted"
+    except ConfigError as error:
+        report["batch_30_on_4_devices"] = str(error)
     return report
 
 
@@ -163,6 +168,10 @@ def test_four_devices_equal_one_device_after_20_steps(four_devices, model):
     assert row["params"] <= 1e-5, row
     one, four = row["sums"]
     np.testing.assert_allclose(four, one, rtol=1e-5)
+
+
+def test_a_global_batch_that_does_not_split_is_refused(four_devices):
+    assert "must divide evenly over the 4 devices" in four_devices["batch_30_on_4_devices"]
 
 
 def test_batchnorm_statistics_are_global_batch_statistics(four_devices):
@@ -263,22 +272,17 @@ def test_no_process_settings_means_one_process(monkeypatch):
     assert distributed.initialize() is False
 
 
-def test_cli_refuses_bad_devices_and_an_uneven_batch(tmp_path, capsys):
+def test_cli_refuses_bad_devices_before_any_file(tmp_path, capsys):
     assert main(["train", "--devices", "0", "--out", str(tmp_path / "a")]) == 2
     assert "--devices" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
-def test_batch_that_does_not_split_over_the_mesh_is_refused():
-    import jax
-    from jax.sharding import Mesh
-
-    placement = distributed.Placement(Mesh(np.array(jax.devices() * 1), ("data",)))
-    distributed.check_batch_size(64, placement)  # one device: anything splits
-    fake = distributed.Placement.__new__(distributed.Placement)
-    object.__setattr__(fake, "mesh", type("M", (), {"size": 4})())
+def test_a_batch_that_does_not_split_over_the_mesh_is_refused():
+    distributed.check_batch_size(64, 4)
+    distributed.check_batch_size(30, 1)
     with pytest.raises(ConfigError, match="multiple of 4"):
-        distributed.check_batch_size(30, fake)
+        distributed.check_batch_size(30, 4)
 
 
 if __name__ == "__main__":

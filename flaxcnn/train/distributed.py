@@ -270,12 +270,13 @@ class ShardedEpochRunner:
         return state
 
 
-def check_batch_size(batch_size: int, placement: Placement) -> None:
-    if batch_size % placement.num_devices:
-        ok = [d for d in range(1, placement.num_devices + 1) if batch_size % d == 0]
+def check_batch_size(batch_size: int, num_devices: int) -> None:
+    """The global batch must split evenly over the mesh (a last partial batch need not)."""
+    if batch_size % num_devices:
+        ok = [d for d in range(1, num_devices + 1) if batch_size % d == 0]
         raise ConfigError(f"--batch-size {batch_size} (the global batch) must divide evenly over the "
-                          f"{placement.num_devices} devices of the mesh; use a multiple of {placement.num_devices} "
-                          f"or --devices with one of {ok} per process")
+                          f"{num_devices} devices of the mesh; use a multiple of {num_devices} "
+                          f"or fewer devices: {ok} devices in all would divide it")
 
 
 def data_parallel(session: "Session") -> "Session":
@@ -284,7 +285,7 @@ def data_parallel(session: "Session") -> "Session":
     placement = placement_for(config.devices)
     if placement is None:
         return session
-    check_batch_size(config.batch_size, placement)
+    check_batch_size(config.batch_size, placement.num_devices)
     train_step = make_train_step(session.graphs, session.spec.loss, session.tx, config.l2)
     return dataclasses.replace(
         session,

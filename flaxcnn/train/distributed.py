@@ -38,7 +38,7 @@ from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.train import runlog
 from flaxcnn.train.checkpoint import Checkpoints
 from flaxcnn.train.state import TrainState
-from flaxcnn.train.steps import make_train_step
+from flaxcnn.train.steps import EpochRunner, make_train_step
 
 if TYPE_CHECKING:
     from flaxcnn.train.loop import Session
@@ -216,8 +216,8 @@ def placement_for(devices: int | None) -> Placement | None:
 
 # ----------------------------------------------------------------------------- training
 
-class ShardedEpochRunner:
-    """:class:`flaxcnn.train.steps.EpochRunner`'s interface and paths over a mesh.
+class ShardedEpochRunner(EpochRunner):
+    """:class:`flaxcnn.train.steps.EpochRunner`'s paths over a mesh.
 
     ``step``: one call per batch; ``scan``: the epoch's full batches in one ``lax.scan``. The
     state stays replicated (``out_shardings``); the index batch is split over the devices. A
@@ -227,47 +227,16 @@ class ShardedEpochRunner:
 
     def __init__(self, train_step: Callable[[TrainState, jax.Array, jax.Array], TrainState], path: str,
                  placement: Placement):
-        self.path = path
+        super().__init__(train_step, path, out_shardings=placement.replicated)
         self.placement = placement
-
-        def gather_step(state, x_all, y_all, idx):
-            return train_step(state, x_all[idx], y_all[idx])
-
-        def scan_steps(state, x_all, y_all, idx_batches):
-            return jax.lax.scan(lambda s, idx: (gather_step(s, x_all, y_all, idx), None), state, idx_batches)[0]
-
-        replicated = placement.replicated
-        self._step = jax.jit(gather_step, out_shardings=replicated, donate_argnums=0)
-        self._scan = jax.jit(scan_steps, out_shardings=replicated, donate_argnums=0)
         self._zero_metrics = jax.jit(lambda s: s.replace(metrics=jnp.zeros_like(s.metrics)),
-                                     out_shardings=replicated, donate_argnums=0)
+                                     out_shardings=placement.replicated, donate_argnums=0)
 
-    @property
-    def step_fn(self) -> Callable:
-        return self._step
+    def begin_epoch(self, state: TrainState) -> TrainState:
+        return self._zero_metrics(self.placement.replicate(state))
 
-    def run(self, state: TrainState, x_all: jax.Array, y_all: jax.Array, order: np.ndarray, batch_size: int,
-            on_batch: Callable[[int, TrainState], None] | None = None) -> TrainState:
-        """Train on ``order`` (the same on every process) in global batches of ``batch_size``."""
-        place = self.placement
-        n, full = len(order), len(order) // batch_size
-        state = self._zero_metrics(place.replicate(state))
-        order = np.asarray(order, np.int32)
-        if self.path == "scan" and full:
-            idx = place.index_batch(order[: full * batch_size].reshape(full, batch_size), axis=1)
-            state = self._scan(state, x_all, y_all, idx)
-            if on_batch:
-                on_batch(full, state)
-        else:
-            for b in range(full):
-                state = self._step(state, x_all, y_all, place.index_batch(order[b * batch_size:(b + 1) * batch_size]))
-                if on_batch:
-                    on_batch(b + 1, state)
-        if n % batch_size:
-            state = self._step(state, x_all, y_all, place.index_batch(order[full * batch_size:]))
-            if on_batch:
-                on_batch(full + 1, state)
-        return state
+    def indices(self, order: np.ndarray, axis: int = 0) -> jax.Array:
+        return self.placement.index_batch(order, axis=axis)
 
 
 def check_batch_size(batch_size: int, num_devices: int) -> None:

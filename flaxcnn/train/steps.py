@@ -76,7 +76,8 @@ def make_eval_step(graphs: Graphs, loss: str) -> Callable:
 class EpochRunner:
     """Runs one training epoch over device-resident arrays in the chosen path."""
 
-    def __init__(self, train_step: Callable, path: str):
+    def __init__(self, train_step: Callable, path: str, **jit_kwargs):
+        """``jit_kwargs`` (e.g. ``out_shardings``) go to every ``jax.jit`` of the runner."""
         self.path = path
 
         def gather_step(state, x_all, y_all, idx):
@@ -88,8 +89,16 @@ class EpochRunner:
 
             return jax.lax.scan(body, state, idx_batches)[0]
 
-        self._step = jax.jit(gather_step, donate_argnums=0)
-        self._scan = jax.jit(scan_steps, donate_argnums=0)
+        self._step = jax.jit(gather_step, donate_argnums=0, **jit_kwargs)
+        self._scan = jax.jit(scan_steps, donate_argnums=0, **jit_kwargs)
+
+    def begin_epoch(self, state: TrainState) -> TrainState:
+        """The state with the epoch's metric sums reset (a subclass may also place it)."""
+        return state.replace(metrics=jnp.zeros_like(state.metrics))
+
+    def indices(self, order: np.ndarray, axis: int = 0) -> jax.Array:
+        """An index batch (or, with ``axis=1``, a stack of them) as the jitted calls take it."""
+        return jnp.asarray(order)
 
     @property
     def step_fn(self) -> Callable:
@@ -103,20 +112,20 @@ class EpochRunner:
         dispatched call (per batch on ``step``, once per epoch on ``scan``)."""
         n = len(order)
         full = n // batch_size
-        state = state.replace(metrics=jnp.zeros_like(state.metrics))
+        state = self.begin_epoch(state)
         order = np.asarray(order, np.int32)
         if self.path == "scan" and full:
-            idx = jnp.asarray(order[: full * batch_size].reshape(full, batch_size))
+            idx = self.indices(order[: full * batch_size].reshape(full, batch_size), axis=1)
             state = self._scan(state, x_all, y_all, idx)
             if on_batch:
                 on_batch(full, state)
         else:
             for b in range(full):
-                state = self._step(state, x_all, y_all, jnp.asarray(order[b * batch_size:(b + 1) * batch_size]))
+                state = self._step(state, x_all, y_all, self.indices(order[b * batch_size:(b + 1) * batch_size]))
                 if on_batch:
                     on_batch(b + 1, state)
         if n % batch_size:
-            state = self._step(state, x_all, y_all, jnp.asarray(order[full * batch_size:]))
+            state = self._step(state, x_all, y_all, self.indices(order[full * batch_size:]))
             if on_batch:
                 on_batch(full + 1, state)
         return state

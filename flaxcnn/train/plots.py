@@ -15,19 +15,16 @@ def plot_curves(rows: Sequence[dict], path: Path, title: str) -> Path:
     """Loss and accuracy per epoch: training (mean per sample, train mode) and validation."""
     epochs = [r["epoch"] for r in rows]
     val_name = rows[-1].get("val_split", "val") if rows else "val"
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train (mean per sample)")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label=f"{val_name}")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_acc.plot(epochs, [r["train_accuracy_running"] for r in rows], label="train (running, train mode)")
-    ax_acc.plot(epochs, [r["val_accuracy"] for r in rows], label=f"{val_name}")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
-    ax_acc.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (("loss", "train_loss", "train (mean per sample)", "val_loss"),
+              ("accuracy", "train_accuracy_running", "train (running, train mode)", "val_accuracy"))
+    for ax, (ylabel, train_key, train_label, val_key) in zip(axes, panels):
+        ax.plot(epochs, [r[train_key] for r in rows], label=train_label)
+        ax.plot(epochs, [r[val_key] for r in rows], label=val_name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -3,6 +3,8 @@
 import dataclasses
 import warnings
 
+import jax
+
 import numpy as np
 import pytest
 import torch
@@ -89,8 +91,8 @@ def test_session_state_is_untouched_by_the_sweep():
     x, y = _data(128)
     split = SplitArrays(x.numpy(), y.numpy().astype(np.int32))
     session = build_session(TrainConfig(batch_size=32, shuffle=False), Dataset("cifar2", split, split, ("a", "b")))
-    before = [np.asarray(a).copy() for a in __import__("jax").tree.leaves(session.state.params)]
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(session.state.params)]
     run_sweep(session, start_lr=1e-6, end_lr=1.0, diverge_th=5.0)
-    after = __import__("jax").tree.leaves(session.state.params)
+    after = jax.tree.leaves(session.state.params)
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert dataclasses.is_dataclass(session.config)

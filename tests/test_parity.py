@@ -26,10 +26,7 @@ def test_dropout_models_replay_torch_masks():
 
 def _without_flatten_permutation(model, state_dict):
     model.nchw_flatten = {}
-    try:
-        return convert.load_torch_state_dict(model, state_dict)
-    finally:
-        pass
+    return convert.load_torch_state_dict(model, state_dict)
 
 
 def _conv_kernel_reshaped_not_transposed(model, state_dict):

@@ -1,12 +1,16 @@
 """The ops the models are built from, against PyTorch (values and gradients, ties included)."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax import lax
 
-from flaxcnn.models.ops import max_pool
+from flaxcnn.models import ops
+from flaxcnn.models.ops import band_width, banded_conv, max_pool
 
 
 def _torch_pool_grad(x, k, weights):
@@ -41,3 +45,59 @@ def test_ties_send_the_gradient_to_the_first_maximum_like_torch():
     _, ref_grad = _torch_pool_grad(x, 2, weights)
     np.testing.assert_array_equal(ours_grad, ref_grad)
     assert ours_grad.sum() == 4.0  # each window's gradient lands on exactly one element
+
+
+def _torch_conv(x, w, pad, grad_weights):
+    """PyTorch's conv2d on an NHWC batch and HWIO kernel: output and kernel gradient (in float64)."""
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.conv2d(tx, tw, padding=pad)
+    (out * torch.tensor(grad_weights.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+    return out.detach().numpy().transpose(0, 2, 3, 1), tw.grad.numpy().transpose(2, 3, 1, 0)
+
+
+# the lab layers that take the banded path (Net/NetWidth conv1, ConvNet conv1), a block width that
+# does not divide the output width, and odd shapes
+@pytest.mark.parametrize("hw, c, o, k, pad", [((32, 32), 3, 16, 3, 1), ((32, 32), 3, 32, 3, 1),
+                                              ((99, 26), 1, 10, 10, 0), ((9, 30), 2, 24, 3, 1),
+                                              ((7, 5), 4, 3, 2, 0)])
+def test_banded_conv_is_the_convolution(hw, c, o, k, pad):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, *hw, c)).astype(np.float32)
+    w = (rng.standard_normal((k, k, c, o)) / k).astype(np.float32)
+    out_hw = (hw[0] + 2 * pad - k + 1, hw[1] + 2 * pad - k + 1)
+    grad_weights = rng.standard_normal((2, *out_hw, o)).astype(np.float32)
+    ref, ref_grad = _torch_conv(x, w, pad, grad_weights)
+    pads = ((pad, pad), (pad, pad))
+    out, vjp = jax.vjp(lambda kernel: banded_conv(jnp.asarray(x), kernel, pads), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(grad_weights))[0]), ref_grad, rtol=1e-5, atol=2e-4)
+
+
+def test_band_width_takes_whole_narrow_rows_and_blocks_wide_ones():
+    assert band_width(17, 10) == 17  # ConvNet: one matmul row per output row
+    assert band_width(32, 16) == 8  # Net: 8 columns x 16 channels
+    assert band_width(32, 300) == 1
+
+
+def _conv_inputs(c: int = 3):
+    x = jnp.ones((1, 8, 8, c))
+    w = jnp.ones((3, 3, c, 4))
+    return x, w, lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(window_strides=(2, 2)), dict(padding="SAME"),
+                                    dict(rhs_dilation=(2, 2)), dict(c=8)])
+def test_other_convolutions_go_to_xla_unchanged(kwargs):
+    x, w, dn = _conv_inputs(kwargs.pop("c", 3))
+    args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=dn) | kwargs
+    with mock.patch.object(ops, "banded_conv", side_effect=AssertionError("banded path taken")):
+        out = ops.conv_general_dilated(x, w, **args)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(lax.conv_general_dilated(x, w, **args)))
+
+
+def test_few_channel_convolutions_take_the_banded_path_on_cpu():
+    x, w, dn = _conv_inputs()
+    with mock.patch.object(ops, "banded_conv", wraps=ops.banded_conv) as banded:
+        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    assert banded.call_count == (1 if jax.default_backend() == "cpu" else 0)

@@ -98,7 +98,7 @@ class EpochRunner:
 
     def indices(self, order: np.ndarray, axis: int = 0) -> jax.Array:
         """An index batch (or, with ``axis=1``, a stack of them) as the jitted calls take it."""
-        return jnp.asarray(order)
+        return np.asarray(order, np.int32)
 
     @property
     def step_fn(self) -> Callable:

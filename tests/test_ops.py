@@ -10,7 +10,7 @@ import torch
 from jax import lax
 
 from flaxcnn.models import ops
-from flaxcnn.models.ops import band_width, banded_conv, max_pool
+from flaxcnn.models.ops import band_width, banded_conv, conv_with_row_kernel_grad, max_pool
 
 
 def _torch_pool_grad(x, k, weights):
@@ -101,3 +101,32 @@ def test_few_channel_convolutions_take_the_banded_path_on_cpu():
     with mock.patch.object(ops, "banded_conv", wraps=ops.banded_conv) as banded:
         ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
     assert banded.call_count == (1 if jax.default_backend() == "cpu" else 0)
+
+
+@pytest.mark.parametrize("hw, c, o, k, pad", [((16, 16), 32, 64, 3, 1), ((9, 7), 3, 5, 3, 0)])
+def test_row_kernel_gradient_is_the_convolution_gradient(hw, c, o, k, pad):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, *hw, c)).astype(np.float32)
+    w = (rng.standard_normal((k, k, c, o)) / (k * np.sqrt(c))).astype(np.float32)
+    out_hw = (hw[0] + 2 * pad - k + 1, hw[1] + 2 * pad - k + 1)
+    grad_weights = rng.standard_normal((2, *out_hw, o)).astype(np.float32)
+    ref, ref_grad = _torch_conv(x, w, pad, grad_weights)
+    pads = ((pad, pad), (pad, pad))
+    out, vjp = jax.vjp(lambda a, b: conv_with_row_kernel_grad(a, b, pads), jnp.asarray(x), jnp.asarray(w))
+    grad_x, grad_w = vjp(jnp.asarray(grad_weights))
+    xla_grad_x = jax.vjp(lambda a: lax.conv_general_dilated(a, jnp.asarray(w), (1, 1), pads,
+                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")),
+                         jnp.asarray(x))[1](jnp.asarray(grad_weights))[0]
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(grad_w), ref_grad, rtol=1e-5, atol=2e-4)
+    np.testing.assert_array_equal(np.asarray(grad_x), np.asarray(xla_grad_x))
+
+
+def test_wide_layers_on_large_maps_take_the_row_kernel_gradient_on_cpu():
+    x, w = jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 64))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    with mock.patch.object(ops, "conv_with_row_kernel_grad", wraps=ops.conv_with_row_kernel_grad) as rows:
+        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        ops.conv_general_dilated(x[:, :8, :8], w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # small map
+        ops.conv_general_dilated(x, w[..., :32], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 32 -> 32
+    assert rows.call_count == (1 if jax.default_backend() == "cpu" else 0)

@@ -47,6 +47,17 @@ def test_ties_send_the_gradient_to_the_first_maximum_like_torch():
     assert ours_grad.sum() == 4.0  # each window's gradient lands on exactly one element
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])  # the taps-chain (2x2) and the argmax (larger) paths
+def test_ties_in_every_window_size_follow_torch(k):
+    rng = np.random.default_rng(k)
+    x = rng.integers(0, 3, (2, 4 * k + 1, 3 * k, 3)).astype(np.float32)  # many tied maxima; a cropped edge
+    weights = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    ours, ours_grad = _ours(x, k, weights)
+    ref, ref_grad = _torch_pool_grad(x, k, weights)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(ours_grad, ref_grad)
+
+
 def _torch_conv(x, w, pad, grad_weights):
     """PyTorch's conv2d on an NHWC batch and HWIO kernel: output and kernel gradient (in float64)."""
     tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64)

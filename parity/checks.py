@@ -122,7 +122,7 @@ def torch_layer_shapes(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[st
 def check_model(
     spec: ModelSpec,
     *,
-    batch: int = 16,
+    batch: int = 64,
     seed: int = 0,
     converter: Converter = convert.load_torch_state_dict,
     exporter: Exporter = convert.to_torch_state_dict,

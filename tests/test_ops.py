@@ -10,7 +10,7 @@ import torch
 from jax import lax
 
 from flaxcnn.models import ops
-from flaxcnn.models.ops import band_width, banded_conv, conv_with_row_kernel_grad, max_pool
+from flaxcnn.models.ops import band_width, banded_conv, conv_with_row_kernel_grad, max_pool, split_batch
 
 
 def _torch_pool_grad(x, k, weights):
@@ -141,3 +141,35 @@ def test_wide_layers_on_large_maps_take_the_row_kernel_gradient_on_cpu():
         ops.conv_general_dilated(x[:, :8, :8], w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # small map
         ops.conv_general_dilated(x, w[..., :32], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 32 -> 32
     assert rows.call_count == (1 if jax.default_backend() == "cpu" else 0)
+
+
+@pytest.mark.parametrize("n, parts, slices", [(64, 2, 2), (20, 3, 2), (8, 2, 1), (64, 1, 1)])
+def test_split_batch_is_the_same_convolution_in_slices(n, parts, slices):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((n, 6, 5, 3)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
+    calls = []
+
+    def conv(a):
+        calls.append(a.shape[0])
+        return lax.conv_general_dilated(a, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    out = split_batch(conv, x, parts)
+    assert len(calls) == slices and sum(calls) == n  # slices of at least ops.CONV_MIN_SLICE samples
+    whole = conv(x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(whole))  # each row computed as before
+    loss = lambda kernel: jnp.sum(jnp.sin(split_batch(lambda a: lax.conv_general_dilated(
+        a, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")), x, parts)))
+    whole_loss = lambda kernel: jnp.sum(jnp.sin(lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(w)), np.asarray(jax.grad(whole_loss)(w)), rtol=1e-5, atol=1e-4)
+
+
+def test_large_convolutions_are_split_over_the_cores_on_cpu():
+    x, w = jnp.ones((64, 16, 16, 32)), jnp.ones((3, 3, 32, 32))  # NetDropout's conv2: 302 MFLOP
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    with mock.patch.object(ops, "CONV_BATCH_SPLITS", 2), \
+            mock.patch.object(ops, "split_batch", wraps=ops.split_batch) as split:
+        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        ops.conv_general_dilated(x[:, :8, :8], w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 75 MFLOP
+    assert split.call_count == (1 if jax.default_backend() == "cpu" else 0)

@@ -8,6 +8,8 @@ chosen for XLA's CPU and GPU backends; see the notes on each.
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,14 @@ import numpy as np
 
 #: the layout every flaxcnn convolution uses (see :mod:`flaxcnn.models.layers`)
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+#: CPU convolutions split their batch into this many slices (None: one per available core) ...
+CONV_BATCH_SPLITS: int | None = None
+#: ... of at least this many samples each, when the convolution's forward pass over the whole
+#: batch costs at least this many FLOPs (see :func:`split_batch`). Measured on the lab networks at
+#: batch 64 on 2 cores: splitting NetDropout's/NetDepth's 32->32 layers (302 MFLOP) and ConvNet's
+#: first layer (196) gave +15-35% per step; splitting the small layers of Net and SpeechNet
+#: (<= 100 MFLOP) cost 4-9%.
+CONV_MIN_SLICE, CONV_SPLIT_MIN_FLOPS = 8, 150e6
 #: convolutions with at most this many input channels run as banded matmuls on CPU
 BANDED_MAX_IN_CHANNELS = 4
 #: on CPU, convolutions with at least these input and output channels and output positions take
@@ -33,7 +43,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     On the CPU backend, a plain convolution (stride 1, no dilation, one group, explicit padding,
     NHWC/HWIO) with few input channels -- the first layer of every lab network -- runs as
     :func:`banded_conv`, and one with many input channels on a large map as
-    :func:`conv_with_row_kernel_grad`; everything else goes to XLA's convolution unchanged.
+    :func:`conv_with_row_kernel_grad`; a large one is cut into batch slices that run on all
+    cores (:func:`split_batch`). Everything else goes to XLA's convolution unchanged.
     """
     if (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1
             and not isinstance(padding, str) and tuple(window_strides) == (1, 1)
@@ -44,12 +55,44 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
         out_positions = ((lhs.shape[1] + sum(pads[0]) - rhs.shape[0] + 1)
                          * (lhs.shape[2] + sum(pads[1]) - rhs.shape[1] + 1))
         if rhs.shape[2] <= BANDED_MAX_IN_CHANNELS:
-            return banded_conv(lhs, rhs, pads, precision=precision)
-        if (rhs.shape[2] >= ROW_GRAD_MIN_IN_CHANNELS and rhs.shape[3] >= ROW_GRAD_MIN_OUT_CHANNELS
-                and out_positions >= ROW_GRAD_MIN_POSITIONS):
-            return conv_with_row_kernel_grad(lhs, rhs, pads, precision)
+            def conv(x): return banded_conv(x, rhs, pads, precision)
+        elif (rhs.shape[2] >= ROW_GRAD_MIN_IN_CHANNELS and rhs.shape[3] >= ROW_GRAD_MIN_OUT_CHANNELS
+              and out_positions >= ROW_GRAD_MIN_POSITIONS):
+            def conv(x): return conv_with_row_kernel_grad(x, rhs, pads, precision)
+        else:
+            def conv(x): return _xla_conv(x, rhs, pads, precision)
+        flops = 2 * lhs.shape[0] * out_positions * rhs.shape[0] * rhs.shape[1] * rhs.shape[2] * rhs.shape[3]
+        if flops >= CONV_SPLIT_MIN_FLOPS:
+            return split_batch(conv, lhs, conv_batch_splits())
+        return conv(lhs)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
+def conv_batch_splits() -> int:
+    """Into how many batch slices a CPU convolution is cut: :data:`CONV_BATCH_SPLITS`, or the
+    number of cores this process may run on."""
+    if CONV_BATCH_SPLITS is not None:
+        return CONV_BATCH_SPLITS
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def split_batch(conv: Callable[[jax.Array], jax.Array], x: jax.Array, parts: int) -> jax.Array:
+    """``conv(x)`` computed as ``parts`` independent convolutions of batch slices, concatenated.
+
+    Why: XLA's CPU convolutions (YNNPACK kernels) and small matmuls run on one thread each, so
+    a training step of these networks kept the second core of a 2-core machine mostly idle.
+    Independent slices are independent operations, which XLA's CPU runtime executes
+    concurrently (forward, input gradient and the per-slice kernel gradients, which autodiff
+    then sums). Each output row is computed exactly as before; only the kernel gradient's sum
+    over the batch is split into ``parts`` partial sums.
+    """
+    n = x.shape[0]
+    parts = min(parts, n // CONV_MIN_SLICE)
+    if parts <= 1:
+        return conv(x)
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    return jnp.concatenate([conv(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], axis=0)
 
 
 def band_width(out_width: int, out_channels: int) -> int:

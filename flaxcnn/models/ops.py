@@ -13,9 +13,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-
 import numpy as np
+from jax import lax
 
 #: the layout every flaxcnn convolution uses (see :mod:`flaxcnn.models.layers`)
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
@@ -25,8 +24,9 @@ CONV_BATCH_SPLITS: int | None = None
 #: batch costs at least this many FLOPs (see :func:`split_batch`). Measured on the lab networks at
 #: batch 64 on 2 cores: splitting NetDropout's/NetDepth's 32->32 layers (302 MFLOP) and ConvNet's
 #: first layer (196) gave +15-35% per step; splitting the small layers of Net and SpeechNet
-#: (<= 100 MFLOP) cost 4-9%.
-CONV_MIN_SLICE, CONV_SPLIT_MIN_FLOPS = 8, 150e6
+#: (<= 100 MFLOP) cost 4-9%. Only 2 cores were measured; the 16-sample floor keeps each slice's
+#: convolution from becoming tiny on machines with many cores.
+CONV_MIN_SLICE, CONV_SPLIT_MIN_FLOPS = 16, 150e6
 #: convolutions with at most this many input channels run as banded matmuls on CPU
 BANDED_MAX_IN_CHANNELS = 4
 #: on CPU, convolutions with at least these input and output channels and output positions take

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from flaxcnn import kernels
+
 #: the layout every flaxcnn convolution uses (see :mod:`flaxcnn.models.layers`)
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 #: CPU convolutions split their batch into this many slices (None: one per available core) ...
@@ -52,6 +54,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)):
         pads = tuple(tuple(int(v) for v in p) for p in padding)
+        if lhs.dtype == rhs.dtype == jnp.float32 and kernels.available():
+            return kernels.conv2d(lhs, rhs, pads)
         out_positions = ((lhs.shape[1] + sum(pads[0]) - rhs.shape[0] + 1)
                          * (lhs.shape[2] + sum(pads[1]) - rhs.shape[1] + 1))
         if rhs.shape[2] <= BANDED_MAX_IN_CHANNELS:

@@ -1,0 +1,320 @@
+// Direct stride-1 NHWC/HWIO convolution kernels for XLA's CPU backend, called through jax.ffi.
+//
+// Why hand-written: XLA's CPU convolutions (YNNPACK) run each convolution on one thread and are
+// slow on the lab networks' shapes (few channels, many positions); see flaxcnn/kernels/__init__.py
+// for what was measured. Two kernels cover a convolution's training step:
+//   conv_forward:     y[n, oh, ow, o]  = sum_{i, j, c} xp[n, oh + i, ow + j, c] * w[i, j, c, o]
+//   conv_kernel_grad: dw[i, j, c, o]   = sum_{n, oh, ow} xp[n, oh + i, ow + j, c] * dy[n, oh, ow, o]
+// where xp is the already padded input. The input gradient is conv_forward of the padded output
+// gradient with the flipped, transposed kernel (done in JAX). In NHWC, the kw * C values under one
+// kernel row are contiguous, so both kernels reduce over a contiguous run of kw * C inputs per row.
+// Accumulators are kept in registers: PB output positions x O channels (forward) or RB kernel
+// rows x O channels (kernel gradient); the compiler vectorises the O loop (compile-time O).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Shape {
+  int64_t n, hp, wp, c, kh, kw, o, ho, wo;
+};
+
+// Runs fn(chunk, worker) for chunk in [0, chunks) on the caller and up to workers - 1 pool threads.
+// The caller takes chunks too and returns once every chunk has run, so it never waits on a task
+// that has not started (a pool thread that starts late finds no chunk left and returns).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, int64_t workers, const F& fn) {
+  workers = std::max<int64_t>(1, std::min(workers, chunks));
+  if (workers == 1) {
+    for (int64_t i = 0; i < chunks; ++i) fn(i, 0);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0}, worker{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, chunks, &fn]() {
+    int64_t me = -1;
+    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
+      if (me < 0) me = state->worker.fetch_add(1);
+      fn(i, me);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  // Pool tasks only touch `fn` while chunks remain, i.e. while the caller is still waiting below.
+  for (int64_t w = 1; w < workers; ++w) pool.Schedule([run]() { run(); });
+  run();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+int64_t Workers(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
+
+// ---------------------------------------------------------------------------------------------
+// O output channels are held as NV vectors of W floats (GCC vector extensions, so that the
+// accumulators are registers whatever the target ISA); a channel count that is not a multiple of
+// W loads and stores only its O floats.
+
+template <int O>
+struct Lanes {
+  static constexpr int W = O <= 8 ? 8 : 16;
+  static constexpr int NV = (O + W - 1) / W;
+  typedef float vec __attribute__((vector_size(W * sizeof(float))));
+  static constexpr int Width(int v) { return (v + 1) * W <= O ? W : O - v * W; }
+  // A partial vector (O = 10: 16 lanes, 10 used) is a masked load/store where the ISA has one:
+  // a memcpy of 10 floats into a vector compiles to a store and a reload (a store-forwarding stall).
+  static inline vec LoadOne(const float* src, int width) {
+    if (width == W) {
+      vec out;
+      __builtin_memcpy(&out, src, sizeof(vec));
+      return out;
+    }
+#if defined(__AVX512F__)
+    if constexpr (W == 16) return (vec)_mm512_maskz_loadu_ps((__mmask16)((1u << width) - 1), src);
+#endif
+    float lanes[W] = {};
+    for (int l = 0; l < width; ++l) lanes[l] = src[l];
+    vec out;
+    __builtin_memcpy(&out, lanes, sizeof(vec));
+    return out;
+  }
+  static inline void StoreOne(float* dst, vec value, int width) {
+    if (width == W) {
+      __builtin_memcpy(dst, &value, sizeof(vec));
+      return;
+    }
+#if defined(__AVX512F__)
+    if constexpr (W == 16) {
+      _mm512_mask_storeu_ps(dst, (__mmask16)((1u << width) - 1), (__m512)value);
+      return;
+    }
+#endif
+    float lanes[W];
+    __builtin_memcpy(lanes, &value, sizeof(vec));
+    for (int l = 0; l < width; ++l) dst[l] = lanes[l];
+  }
+  static inline void Load(vec* dst, const float* src) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) dst[v] = LoadOne(src + v * W, Width(v));
+  }
+  static inline void Store(float* dst, const vec* src) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) StoreOne(dst + v * W, src[v], Width(v));
+  }
+  static inline void Add(float* dst, const vec* src) {
+    vec cur[NV];
+    Load(cur, dst);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) cur[v] += src[v];
+    Store(dst, cur);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// forward: PB output positions of one row at a time, accumulating over (i, j)
+
+template <int O, int PB>
+void ForwardBlock(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n, int64_t oh,
+                  int64_t ow) {
+  using L = Lanes<O>;
+  typename L::vec acc[PB][L::NV] = {};
+  const int64_t J = s.kw * s.c;
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const float* xr = xp + ((n * s.hp + oh + i) * s.wp + ow) * s.c;
+    const float* wi = w + i * J * O;
+    for (int64_t j = 0; j < J; ++j) {
+      typename L::vec wv[L::NV];
+      L::Load(wv, wi + j * O);
+#pragma GCC unroll 16
+      for (int p = 0; p < PB; ++p) {
+        const float xv = xr[p * s.c + j];
+#pragma GCC unroll 8
+        for (int v = 0; v < L::NV; ++v) acc[p][v] += xv * wv[v];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < PB; ++p) L::Store(yrow + (ow + p) * O, acc[p]);
+}
+
+// Runs blocks of S positions (kernel rows) from `at` while S more fit before `end`, if S <= Max.
+template <int S, int Max, typename F>
+inline void Blocks(int64_t& at, int64_t end, const F& block) {
+  if constexpr (S <= Max)
+    for (; at + S <= end; at += S) block(std::integral_constant<int, S>());
+}
+
+// Blocks of positions, largest first, sized so that PB * NV accumulators fit in registers.
+template <int O>
+void ForwardRow(const float* xp, const float* w, float* y, const Shape& s, int64_t n, int64_t oh) {
+  constexpr int NV = Lanes<O>::NV;
+  constexpr int Max = NV == 1 ? 16 : 16 / NV;
+  float* yrow = y + ((n * s.ho + oh) * s.wo) * O;
+  int64_t ow = 0;
+  auto block = [&](auto pb) { ForwardBlock<O, decltype(pb)::value>(xp, w, yrow, s, n, oh, ow); };
+  Blocks<16, Max>(ow, s.wo, block);
+  Blocks<8, Max>(ow, s.wo, block);
+  Blocks<4, Max>(ow, s.wo, block);
+  Blocks<2, Max>(ow, s.wo, block);
+  Blocks<1, Max>(ow, s.wo, block);
+}
+
+using RowFn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t);
+
+// The channel counts with compiled kernels; flaxcnn/kernels/__init__.py routes others to XLA.
+RowFn PickForward(int64_t o) {
+  switch (o) {
+    case 8: return ForwardRow<8>;
+    case 10: return ForwardRow<10>;
+    case 16: return ForwardRow<16>;
+    case 32: return ForwardRow<32>;
+    case 64: return ForwardRow<64>;
+    default: return nullptr;
+  }
+}
+
+Shape ShapeOf(ffi::AnyBuffer::Dimensions x, int64_t kh, int64_t kw, int64_t o) {
+  Shape s{x[0], x[1], x[2], x[3], kh, kw, o, x[1] - kh + 1, x[2] - kw + 1};
+  return s;
+}
+
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = xp.dimensions(), wd = w.dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || wd[2] != xd[3])
+    return ffi::Error::InvalidArgument("conv_forward: expects xp (N, Hp, Wp, C) and w (KH, KW, C, O)");
+  const Shape s = ShapeOf(xd, wd[0], wd[1], wd[3]);
+  const RowFn row = PickForward(s.o);
+  if (row == nullptr) return ffi::Error::InvalidArgument("conv_forward: no kernel for this output channel count");
+  const float* x = xp.typed_data();
+  const float* k = w.typed_data();
+  float* out = y->typed_data();
+  const int64_t rows = s.n * s.ho;
+  const int64_t per_chunk = std::max<int64_t>(1, rows / (8 * Workers(pool)));
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
+  ParallelFor(pool, chunks, Workers(pool), [&](int64_t chunk, int64_t) {
+    for (int64_t r = chunk * per_chunk, end = std::min(rows, r + per_chunk); r < end; ++r)
+      row(x, k, out, s, r / s.ho, r % s.ho);
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel gradient: RB kernel rows (i, j0 .. j0 + RB) at a time, accumulating over positions
+
+template <int O, int RB>
+void KernelGradBlock(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1,
+                     int64_t i, int64_t j0) {
+  using L = Lanes<O>;
+  typename L::vec acc[RB][L::NV] = {};
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t oh = 0; oh < s.ho; ++oh) {
+      const float* xr = xp + ((n * s.hp + oh + i) * s.wp) * s.c + j0;
+      const float* dr = dy + ((n * s.ho + oh) * s.wo) * O;
+      for (int64_t ow = 0; ow < s.wo; ++ow) {
+        typename L::vec dv[L::NV];
+        L::Load(dv, dr + ow * O);
+        const float* xv = xr + ow * s.c;
+#pragma GCC unroll 32
+        for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+          for (int v = 0; v < L::NV; ++v) acc[r][v] += xv[r] * dv[v];
+      }
+    }
+  float* out = dw + (i * s.kw * s.c + j0) * O;
+#pragma GCC unroll 32
+  for (int r = 0; r < RB; ++r) L::Add(out + r * O, acc[r]);
+}
+
+// Adds the contribution of samples [n0, n1) to dw (KH, KW*C, O).
+template <int O>
+void KernelGradSamples(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
+  constexpr int NV = Lanes<O>::NV;
+  constexpr int Max = NV == 1 ? 24 : 24 / NV;
+  const int64_t J = s.kw * s.c;
+  for (int64_t i = 0; i < s.kh; ++i) {
+    int64_t j = 0;
+    auto block = [&](auto rb) { KernelGradBlock<O, decltype(rb)::value>(xp, dy, dw, s, n0, n1, i, j); };
+    Blocks<24, Max>(j, J, block);
+    Blocks<16, Max>(j, J, block);
+    Blocks<12, Max>(j, J, block);
+    Blocks<10, Max>(j, J, block);
+    Blocks<9, Max>(j, J, block);
+    Blocks<8, Max>(j, J, block);
+    Blocks<6, Max>(j, J, block);
+    Blocks<4, Max>(j, J, block);
+    Blocks<3, Max>(j, J, block);
+    Blocks<2, Max>(j, J, block);
+    Blocks<1, Max>(j, J, block);
+  }
+}
+
+using GradFn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t);
+
+GradFn PickKernelGrad(int64_t o) {
+  switch (o) {
+    case 8: return KernelGradSamples<8>;
+    case 10: return KernelGradSamples<10>;
+    case 16: return KernelGradSamples<16>;
+    case 32: return KernelGradSamples<32>;
+    case 64: return KernelGradSamples<64>;
+    default: return nullptr;
+  }
+}
+
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dw) {
+  auto xd = xp.dimensions(), gd = dy.dimensions(), kd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || kd.size() != 4 || gd[0] != xd[0] || kd[2] != xd[3] ||
+      kd[3] != gd[3] || xd[1] - kd[0] + 1 != gd[1] || xd[2] - kd[1] + 1 != gd[2])
+    return ffi::Error::InvalidArgument(
+        "conv_kernel_grad: expects xp (N, Hp, Wp, C), dy (N, Hp-KH+1, Wp-KW+1, O), dw (KH, KW, C, O)");
+  const Shape s = ShapeOf(xd, kd[0], kd[1], kd[3]);
+  const GradFn grad = PickKernelGrad(s.o);
+  if (grad == nullptr) return ffi::Error::InvalidArgument("conv_kernel_grad: no kernel for this output channel count");
+  const int64_t size = s.kh * s.kw * s.c * s.o;
+  // Samples are taken a few at a time so that their input and output gradient stay in cache
+  // while every kernel row block passes over them; each worker sums into its own buffer.
+  const int64_t workers = std::min<int64_t>(Workers(pool), s.n);
+  const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(4, s.n / workers));
+  const int64_t chunks = (s.n + per_chunk - 1) / per_chunk;
+  std::vector<float> partial(static_cast<size_t>(size * workers), 0.0f);
+  ParallelFor(pool, chunks, workers, [&](int64_t chunk, int64_t worker) {
+    const int64_t n0 = chunk * per_chunk, n1 = std::min(s.n, n0 + per_chunk);
+    grad(xp.typed_data(), dy.typed_data(), partial.data() + worker * size, s, n0, n1);
+  });
+  float* out = dw->typed_data();
+  std::memcpy(out, partial.data(), size * sizeof(float));
+  for (int64_t w = 1; w < workers; ++w)
+    for (int64_t k = 0; k < size; ++k) out[k] += partial[w * size + k];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvKernelGrad, ConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

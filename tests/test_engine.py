@@ -87,8 +87,12 @@ def test_batchnorm_trajectory_including_running_stats():
 
 
 def test_net_depth_with_momentum():
+    # In this data, step 7 has a 2x2 window of NetDepth's second max-pool whose two largest values
+    # differ by one float32 ulp (6e-8): float32 rounding decides which one gets the gradient, in
+    # either framework. After it the weights differ from PyTorch's by 4e-6 (XLA's convolutions) or
+    # 1.1e-5 (flaxcnn's C++ kernels) rather than ~1e-8 before; a wrong gradient would be >> 1e-3.
     diffs, _, _ = _compare("net-depth", steps=10, batch=16, momentum=0.9)
-    assert max(diffs.values()) <= 1e-5
+    assert max(diffs.values()) <= 3e-5, diffs
 
 
 def test_full_epoch_with_partial_last_batch_matches_torch():

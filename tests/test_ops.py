@@ -9,6 +9,7 @@ import pytest
 import torch
 from jax import lax
 
+from flaxcnn import kernels
 from flaxcnn.models import ops
 from flaxcnn.models.ops import band_width, banded_conv, conv_with_row_kernel_grad, max_pool, split_batch
 
@@ -102,14 +103,16 @@ def _conv_inputs(c: int = 3):
 def test_other_convolutions_go_to_xla_unchanged(kwargs):
     x, w, dn = _conv_inputs(kwargs.pop("c", 3))
     args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=dn) | kwargs
-    with mock.patch.object(ops, "banded_conv", side_effect=AssertionError("banded path taken")):
+    with mock.patch.object(ops, "banded_conv", side_effect=AssertionError("banded path taken")), \
+            mock.patch.object(kernels, "conv2d", side_effect=AssertionError("C++ kernel taken")):
         out = ops.conv_general_dilated(x, w, **args)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(lax.conv_general_dilated(x, w, **args)))
 
 
-def test_few_channel_convolutions_take_the_banded_path_on_cpu():
+def test_without_cpp_kernels_few_channel_convolutions_are_banded_on_cpu():
     x, w, dn = _conv_inputs()
-    with mock.patch.object(ops, "banded_conv", wraps=ops.banded_conv) as banded:
+    with mock.patch.object(kernels, "available", return_value=False), \
+            mock.patch.object(ops, "banded_conv", wraps=ops.banded_conv) as banded:
         ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
     assert banded.call_count == (1 if jax.default_backend() == "cpu" else 0)
 
@@ -133,10 +136,11 @@ def test_row_kernel_gradient_is_the_convolution_gradient(hw, c, o, k, pad):
     np.testing.assert_array_equal(np.asarray(grad_x), np.asarray(xla_grad_x))
 
 
-def test_wide_layers_on_large_maps_take_the_row_kernel_gradient_on_cpu():
+def test_without_cpp_kernels_wide_layers_on_large_maps_take_the_row_kernel_gradient():
     x, w = jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 64))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    with mock.patch.object(ops, "conv_with_row_kernel_grad", wraps=ops.conv_with_row_kernel_grad) as rows:
+    with mock.patch.object(kernels, "available", return_value=False), \
+            mock.patch.object(ops, "conv_with_row_kernel_grad", wraps=ops.conv_with_row_kernel_grad) as rows:
         ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
         ops.conv_general_dilated(x[:, :8, :8], w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # small map
         ops.conv_general_dilated(x, w[..., :32], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 32 -> 32
@@ -165,10 +169,11 @@ def test_split_batch_is_the_same_convolution_in_slices(n, parts, slices):
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(w)), np.asarray(jax.grad(whole_loss)(w)), rtol=1e-5, atol=1e-4)
 
 
-def test_large_convolutions_are_split_over_the_cores_on_cpu():
+def test_without_cpp_kernels_large_convolutions_are_split_over_the_cores():
     x, w = jnp.ones((64, 16, 16, 32)), jnp.ones((3, 3, 32, 32))  # NetDropout's conv2: 302 MFLOP
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    with mock.patch.object(ops, "CONV_BATCH_SPLITS", 2), \
+    with mock.patch.object(kernels, "available", return_value=False), \
+            mock.patch.object(ops, "CONV_BATCH_SPLITS", 2), \
             mock.patch.object(ops, "split_batch", wraps=ops.split_batch) as split:
         ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
         ops.conv_general_dilated(x[:, :8, :8], w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 75 MFLOP

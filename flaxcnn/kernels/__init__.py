@@ -58,7 +58,10 @@ def build(path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
         cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as err:
+            raise RuntimeError(f"cannot run the C++ compiler {cxx!r}: {err}") from err
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         os.replace(out, path)
@@ -87,14 +90,28 @@ def available() -> bool:
 
 
 #: output channel counts ``conv_cpu.cc`` has kernels for (others go to XLA's convolution)
-CHANNELS = (8, 10, 16, 32, 64)
+CHANNELS = (8, 10, 16, 24, 32, 48, 64)
+
+
+def supports(x: jax.Array, w: jax.Array) -> bool:
+    """Whether :func:`conv2d` runs this float32 NHWC/HWIO convolution with the C++ kernels
+    (its output channel count has one) -- building them first if needed."""
+    return (x.dtype == w.dtype == jnp.float32 and w.shape[3] in CHANNELS
+            and jax.default_backend() == "cpu" and available())
 
 
 def _xla_valid_conv(xp: jax.Array, w: jax.Array) -> jax.Array:
     return lax.conv_general_dilated(xp, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError("flaxcnn's C++ convolution kernels are not available (see the warning above, "
+                           "or FLAXCNN_FFI_CONV=0); use flaxcnn.models.ops.conv_general_dilated, which falls back")
+
+
 def _forward(xp: jax.Array, w: jax.Array) -> jax.Array:
+    _require()
     n, hp, wp, _ = xp.shape
     kh, kw, _, o = w.shape
     if o not in CHANNELS:
@@ -107,6 +124,7 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...]) -> 
     if kernel_shape[3] not in CHANNELS:
         w0 = jnp.zeros(kernel_shape, jnp.float32)  # the convolution is linear in w: any w will do
         return jax.vjp(lambda w: _xla_valid_conv(xp, w), w0)[1](g)[0]
+    _require()
     out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
     return jax.ffi.ffi_call("flaxcnn_conv_kernel_grad", out, vmap_method="sequential")(xp, g)
 

@@ -54,7 +54,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)):
         pads = tuple(tuple(int(v) for v in p) for p in padding)
-        if lhs.dtype == rhs.dtype == jnp.float32 and kernels.available():
+        if kernels.supports(lhs, rhs):
             return kernels.conv2d(lhs, rhs, pads)
         out_positions = ((lhs.shape[1] + sum(pads[0]) - rhs.shape[0] + 1)
                          * (lhs.shape[2] + sum(pads[1]) - rhs.shape[1] + 1))

@@ -1,0 +1,146 @@
+"""The C++ CPU convolution kernels (flaxcnn/kernels) against PyTorch in float64, and their build."""
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax import lax
+
+from flaxcnn import kernels
+from flaxcnn.models import ops
+
+needs_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.available(),
+                                   reason="the C++ kernels run on the CPU backend and need a C++ compiler")
+
+
+def _torch_conv(x, w, padding, grad_out):
+    """PyTorch's conv2d of an NHWC batch with an HWIO kernel: output, input and kernel gradients."""
+    (t, b), (l, r) = padding
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.conv2d(torch.nn.functional.pad(tx, (l, r, t, b)), tw)
+    (out * torch.tensor(grad_out.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+    return (out.detach().numpy().transpose(0, 2, 3, 1), tx.grad.numpy().transpose(0, 2, 3, 1),
+            tw.grad.numpy().transpose(2, 3, 1, 0))
+
+
+def _check_against_torch(n, hw, c, o, k, padding):
+    rng = np.random.default_rng(c * 100 + o)
+    x = rng.standard_normal((n, *hw, c)).astype(np.float32)
+    w = (rng.standard_normal((k, k, c, o)) / (k * np.sqrt(c))).astype(np.float32)
+    (t, b), (l, r) = padding
+    out_hw = (hw[0] + t + b - k + 1, hw[1] + l + r - k + 1)
+    grad_out = rng.standard_normal((n, *out_hw, o)).astype(np.float32)
+    ref, ref_dx, ref_dw = _torch_conv(x, w, padding, grad_out)
+    out, vjp = jax.vjp(lambda a, b_: kernels.conv2d(a, b_, padding), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(grad_out))
+    assert out.shape == ref.shape and dx.shape == x.shape and dw.shape == w.shape
+    scale = lambda a: np.abs(a).max()
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * scale(ref))
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=0, atol=2e-6 * scale(ref_dx))
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=0, atol=2e-6 * scale(ref_dw))
+
+
+# every lab layer (Net, NetWidth, NetDepth/NetDropout/NetBatchNorm, ConvNet, SpeechNet), then edges:
+# register blocks that do not divide the width, channel counts that fill part of a vector (10)
+# or have no kernel (5, 7, 33: XLA's convolution takes over), padding larger than the kernel's
+# reach, asymmetric padding, and a 1-wide map
+LAYERS = [(4, (32, 32), 3, 16, 3, 1), (4, (16, 16), 16, 8, 3, 1), (2, (32, 32), 3, 32, 3, 1),
+          (2, (16, 16), 32, 64, 3, 1), (2, (16, 16), 32, 32, 3, 1), (2, (8, 8), 32, 32, 3, 1),
+          (3, (99, 26), 1, 10, 10, 0), (2, (99, 26), 1, 8, 3, 1), (2, (49, 13), 8, 16, 3, 1),
+          (2, (24, 6), 16, 32, 3, 1), (2, (12, 3), 32, 64, 3, 1)]
+EDGES = [(2, (8, 8), 5, 7, 3, ((2, 2), (2, 2))), (2, (9, 7), 12, 33, 2, ((0, 0), (0, 0))),
+         (1, (7, 19), 10, 10, 3, ((0, 1), (2, 0))), (3, (5, 1), 16, 24, 3, ((1, 1), (1, 1))),
+         (2, (6, 21), 48, 8, 5, ((2, 2), (2, 2)))]
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, hw, c, o, k, pad", LAYERS)
+def test_lab_layers_equal_torch(n, hw, c, o, k, pad):
+    _check_against_torch(n, hw, c, o, k, ((pad, pad), (pad, pad)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, hw, c, o, k, padding", EDGES)
+def test_edge_shapes_equal_torch(n, hw, c, o, k, padding):
+    _check_against_torch(n, hw, c, o, k, padding)
+
+
+@needs_kernels
+def test_kernels_split_work_between_threads_without_changing_the_result():
+    # a batch large enough for several chunks per worker; the same sums in any split
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((37, 12, 12, 16)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 16)).astype(np.float32))
+    pads = ((1, 1), (1, 1))
+    whole = kernels.conv2d(x, w, pads)
+    rows = jnp.concatenate([kernels.conv2d(x[i:i + 1], w, pads) for i in range(37)])
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(rows))
+
+
+@needs_kernels
+def test_kernels_run_under_vmap():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 8)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 16)).astype(np.float32))
+    pads = ((1, 1), (1, 1))
+    batched = jax.vmap(lambda a, b: kernels.conv2d(a, b, pads))(x, w)
+    one_by_one = jnp.stack([kernels.conv2d(x[i], w[i], pads) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(batched), np.asarray(one_by_one))
+
+
+@needs_kernels
+def test_cpu_convolutions_with_a_kernel_take_it():
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
+    with mock.patch.object(kernels, "conv2d", wraps=kernels.conv2d) as ffi:
+        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        ops.conv_general_dilated(x, w[..., :5], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 5: none
+        ops.conv_general_dilated(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)),
+                                 dimension_numbers=dn)  # float32 only
+    assert ffi.call_count == 1
+
+
+def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="no-such-compiler"):
+        kernels.build(tmp_path / "lib.so")
+    assert not (tmp_path / "lib.so").exists()
+
+
+def test_without_the_kernels_flaxcnn_warns_and_uses_xla(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
+    kernels.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="using XLA's convolutions"):
+            assert kernels.available() is False
+        x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
+        out = ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        ref = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
+    finally:
+        kernels.available.cache_clear()
+
+
+def test_the_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("FLAXCNN_FFI_CONV", "0")
+    kernels.available.cache_clear()
+    try:
+        assert kernels.available() is False
+    finally:
+        kernels.available.cache_clear()
+
+
+def test_the_library_is_keyed_by_source_flags_and_jax_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
+    path = kernels.library_path()
+    assert path.parent == tmp_path and path.suffix == ".so"
+    with mock.patch.object(kernels, "CXXFLAGS", (*kernels.CXXFLAGS, "-DOTHER")):
+        assert kernels.library_path() != path

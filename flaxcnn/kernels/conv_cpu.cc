@@ -33,25 +33,24 @@ struct Shape {
   int64_t n, hp, wp, c, kh, kw, o, ho, wo;
 };
 
-// Runs fn(chunk, worker) for chunk in [0, chunks) on the caller and up to workers - 1 pool threads.
+// Runs fn(chunk) for chunk in [0, chunks) on the caller and up to workers - 1 pool threads.
 // The caller takes chunks too and returns once every chunk has run, so it never waits on a task
-// that has not started (a pool thread that starts late finds no chunk left and returns).
+// that has not started (a pool thread that starts late finds no chunk left and returns). Which
+// thread runs a chunk varies; callers make each chunk's result independent of that.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, int64_t workers, const F& fn) {
   workers = std::max<int64_t>(1, std::min(workers, chunks));
   if (workers == 1) {
-    for (int64_t i = 0; i < chunks; ++i) fn(i, 0);
+    for (int64_t i = 0; i < chunks; ++i) fn(i);
     return;
   }
   struct State {
-    std::atomic<int64_t> next{0}, done{0}, worker{0};
+    std::atomic<int64_t> next{0}, done{0};
   };
   auto state = std::make_shared<State>();
   auto run = [state, chunks, &fn]() {
-    int64_t me = -1;
     for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
-      if (me < 0) me = state->worker.fetch_add(1);
-      fn(i, me);
+      fn(i);
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -214,7 +213,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buff
   const int64_t rows = s.n * s.ho;
   const int64_t per_chunk = std::max<int64_t>(1, rows / (8 * Workers(pool)));
   const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  ParallelFor(pool, chunks, Workers(pool), [&](int64_t chunk, int64_t) {
+  ParallelFor(pool, chunks, Workers(pool), [&](int64_t chunk) {
     for (int64_t r = chunk * per_chunk, end = std::min(rows, r + per_chunk); r < end; ++r)
       row(x, k, out, s, r / s.ho, r % s.ho);
   });
@@ -288,6 +287,9 @@ void KernelGradSamples(const float* xp, const float* dy, float* dw, const Shape&
   }
 }
 
+// Sample groups of the kernel gradient: enough for 2-8 threads to share the work evenly.
+constexpr int64_t kKernelGradGroups = 8;
+
 using GradFn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t);
 
 GradFn PickKernelGrad(int64_t o) {
@@ -314,20 +316,19 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::B
   const GradFn grad = PickKernelGrad(s.o);
   if (grad == nullptr) return ffi::Error::InvalidArgument("conv_kernel_grad: no kernel for this output channel count");
   const int64_t size = s.kh * s.kw * s.c * s.o;
-  // Samples are taken a few at a time so that their input and output gradient stay in cache
-  // while every kernel row block passes over them; each worker sums into its own buffer.
-  const int64_t workers = std::min<int64_t>(Workers(pool), s.n);
-  const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(4, s.n / workers));
-  const int64_t chunks = (s.n + per_chunk - 1) / per_chunk;
-  std::vector<float> partial(static_cast<size_t>(size * workers), 0.0f);
-  ParallelFor(pool, chunks, workers, [&](int64_t chunk, int64_t worker) {
-    const int64_t n0 = chunk * per_chunk, n1 = std::min(s.n, n0 + per_chunk);
-    grad(xp.typed_data(), dy.typed_data(), partial.data() + worker * size, s, n0, n1);
+  // The batch is cut into a fixed number of sample groups (not one per thread), each summed into
+  // its own buffer, and the buffers are added in group order: the result has the same bits
+  // whichever thread ran which group and however many threads there are (a run is reproducible).
+  const int64_t groups = std::min<int64_t>(kKernelGradGroups, s.n);
+  std::vector<float> partial(static_cast<size_t>(size * groups), 0.0f);
+  ParallelFor(pool, groups, Workers(pool), [&](int64_t g) {
+    const int64_t n0 = g * s.n / groups, n1 = (g + 1) * s.n / groups;
+    grad(xp.typed_data(), dy.typed_data(), partial.data() + g * size, s, n0, n1);
   });
   float* out = dw->typed_data();
   std::memcpy(out, partial.data(), size * sizeof(float));
-  for (int64_t w = 1; w < workers; ++w)
-    for (int64_t k = 0; k < size; ++k) out[k] += partial[w * size + k];
+  for (int64_t g = 1; g < groups; ++g)
+    for (int64_t k = 0; k < size; ++k) out[k] += partial[g * size + k];
   return ffi::Error::Success();
 }
 

@@ -42,11 +42,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                          precision=None, **kwargs) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` (what ``nnx.Conv`` calls).
 
-    On the CPU backend, a plain convolution (stride 1, no dilation, one group, explicit padding,
-    NHWC/HWIO) with few input channels -- the first layer of every lab network -- runs as
-    :func:`banded_conv`, and one with many input channels on a large map as
-    :func:`conv_with_row_kernel_grad`; a large one is cut into batch slices that run on all
-    cores (:func:`split_batch`). Everything else goes to XLA's convolution unchanged.
+    On the CPU backend, a plain float32 convolution (stride 1, no dilation, one group, explicit
+    padding, NHWC/HWIO) runs on flaxcnn's C++ kernels (:func:`flaxcnn.kernels.conv2d`) when its
+    output channel count has one: measured on the lab layers at batch 64 they are 2-14x faster
+    than XLA's convolutions (forward, input and kernel gradient), and the training step of Net
+    2.1x, NetWidth 2.5x, ConvNet 1.5x. Without them (no C++ compiler, ``FLAXCNN_FFI_CONV=0``,
+    other channel counts), the XLA formulations below take over: with few input channels --
+    the first layer of every lab network -- :func:`banded_conv`, with many input channels on a
+    large map :func:`conv_with_row_kernel_grad`; a large one is cut into batch slices that run
+    on all cores (:func:`split_batch`). Everything else goes to XLA's convolution unchanged.
     """
     if (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1
             and not isinstance(padding, str) and tuple(window_strides) == (1, 1)

@@ -10,6 +10,7 @@ storage order of that one weight matrix differs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -174,14 +175,62 @@ class BatchNorm2d(nnx.Module):
         if use_ra:
             mean, var = self.mean[...], self.var[...]
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axis=axes)
-            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps)
             n = math.prod(x.shape[:-1])
             unbiased = var * (n / max(n - 1, 1))
             m = self.momentum
             self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
             self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+            return y
         inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
         return (x - mean) * inv + self.bias[...]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm over all axes but the last: ``(y, batch mean, biased batch var)``.
+
+    The forward pass is the textbook two-pass one (mean, then the mean of squared deviations),
+    as PyTorch computes it. The backward pass is written out (the usual closed form: one pass
+    that sums ``g`` and ``g * (x - mean)`` per channel, one elementwise pass for ``dx``) rather
+    than left to autodiff, whose gradient through the two means took several more passes over
+    the activations: NetBatchNorm's training step +16%, SpeechNet's +12% on CPU at batch 64.
+    """
+    y, mean, var, _ = _bn_forward(x, scale, bias, eps)
+    return y, mean, var
+
+
+def _bn_forward(x, scale, bias, eps):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=axes)
+    inv = jax.lax.rsqrt(var + eps)
+    return centred * (inv * scale) + bias, mean, var, inv
+
+
+def _bn_fwd(x, scale, bias, eps):
+    y, mean, var, inv = _bn_forward(x, scale, bias, eps)
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _bn_bwd(eps, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    g, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    centred = x - mean
+    sum_g = jnp.sum(g, axis=axes)
+    sum_g_centred = jnp.sum(g * centred, axis=axes)
+    grad_scale = sum_g_centred * inv
+    # d/dx of y through x, the mean and the variance; then the batch mean's and variance's own
+    # cotangents (zero when, as in BatchNorm2d, they only feed stop_gradient'ed running stats)
+    k = scale * inv
+    grad_x = k * (g - sum_g / n - centred * (inv * inv) * (sum_g_centred / n))
+    grad_x = grad_x + g_mean / n + centred * (2.0 * g_var / n)
+    return grad_x, grad_scale, sum_g
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)

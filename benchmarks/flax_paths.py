@@ -18,6 +18,7 @@ import numpy as np
 
 from benchmarks.data import BenchData
 from benchmarks.timing import EVAL_BATCH
+from flaxcnn import kernels
 from flaxcnn.convert import load_torch_state_dict
 from flaxcnn.data.batching import epoch_permutation
 from flaxcnn.errors import ConfigError
@@ -46,6 +47,7 @@ def jax_info() -> dict[str, Any]:
     return {"jax": jax.__version__, "flax": flax.__version__, "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()], "flaxcnn_default_path": default_path(),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "flaxcnn_cpu_conv_kernels": jax.default_backend() == "cpu" and kernels.available(),
             "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision)}
 
 

@@ -62,7 +62,8 @@ def markdown(report: dict[str, Any]) -> str:
         + (f"after {m.get('loadavg_after')}" if report.get("complete", True)
            else f"at the last finished process {m.get('loadavg_latest')} (run incomplete)"),
         f"- torch {m.get('torch')} ({threads_note(m)}); jax {m.get('jax')} "
-        f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}); device {s['device']}",
+        f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}, flaxcnn C++ CPU convolutions "
+        f"{'on' if m.get('flaxcnn_cpu_conv_kernels') else 'off'}); device {s['device']}",
         f"- {s['samples']} samples per epoch ({s['data']}); train samples/s: median of {s['epochs']} epochs "
         f"after 1 warm-up epoch; warm-up = {s['warmup_method']}; eval: forward only, eval mode, "
         f"batches of {s['eval_batch']}; peak RSS: ru_maxrss of the framework's process "

@@ -157,3 +157,30 @@ def test_the_kernel_gradient_has_the_same_bits_on_every_run():
     first = np.asarray(grad(x, g))
     for _ in range(10):
         np.testing.assert_array_equal(np.asarray(grad(x, g)), first)
+
+
+def test_switched_off_inside_the_block_only():
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
+    with kernels.switched_off():
+        assert not kernels.supports(x, w)
+    assert kernels.supports(x, w) == (jax.default_backend() == "cpu" and kernels.available())
+
+
+@needs_kernels
+def test_the_sharded_step_is_traced_with_xla_convolutions():
+    # XLA's partitioner cannot split a custom call: over a mesh it would gather the whole batch
+    from jax.sharding import Mesh
+
+    from flaxcnn.train.distributed import DATA_AXIS, Placement, ShardedEpochRunner
+    seen = []
+
+    def step(state, x, y):
+        seen.append(kernels.supports(x, jnp.ones((3, 3, 3, 16))))
+        return state
+
+    placement = Placement(Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,)))
+    runner = ShardedEpochRunner(step, "step", placement)
+    x = jnp.ones((4, 8, 8, 3))
+    runner.step_fn(jnp.zeros(()), x, jnp.zeros((4,), jnp.int32), np.arange(2, dtype=np.int32))
+    assert seen == [False]
+    assert kernels.supports(x, jnp.ones((3, 3, 3, 16)))  # outside the sharded step: on again

@@ -11,6 +11,7 @@ falls back to XLA's own convolutions and says so once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -19,7 +20,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -93,11 +96,31 @@ def available() -> bool:
 CHANNELS = (8, 10, 16, 24, 32, 48, 64)
 
 
+_switched_off = threading.local()
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Within this block (while a function is traced), convolutions do not use the C++ kernels.
+
+    Used for the data-parallel step over a mesh: XLA's SPMD partitioner cannot split a custom
+    call, so it would gather the whole batch onto every device and compute each convolution
+    there in full; XLA's own convolutions are split over the devices.
+    """
+    depth = getattr(_switched_off, "depth", 0)
+    _switched_off.depth = depth + 1
+    try:
+        yield
+    finally:
+        _switched_off.depth = depth
+
+
 def supports(x: jax.Array, w: jax.Array) -> bool:
     """Whether :func:`conv2d` runs this float32 NHWC/HWIO convolution with the C++ kernels
     (its output channel count has one) -- building them first if needed."""
     return (x.dtype == w.dtype == jnp.float32 and w.shape[3] in CHANNELS
-            and jax.default_backend() == "cpu" and available())
+            and jax.default_backend() == "cpu" and not getattr(_switched_off, "depth", 0)
+            and available())
 
 
 def _xla_valid_conv(xp: jax.Array, w: jax.Array) -> jax.Array:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flaxcnn import kernels
 from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.train import runlog
 from flaxcnn.train.checkpoint import Checkpoints
@@ -220,14 +221,19 @@ class ShardedEpochRunner(EpochRunner):
     """:class:`flaxcnn.train.steps.EpochRunner`'s paths over a mesh.
 
     ``step``: one call per batch; ``scan``: the epoch's full batches in one ``lax.scan``. The
-    state stays replicated (``out_shardings``); the index batch is split over the devices. A
+    state stays replicated (``out_shardings``); the index batch is split over the devices; the
+    convolutions are XLA's, which the partitioner splits (not flaxcnn's C++ kernels). A
     last partial batch that does not divide over the devices is run replicated (every device
     computes it whole), which gives the same numbers as one device.
     """
 
     def __init__(self, train_step: Callable[[TrainState, jax.Array, jax.Array], TrainState], path: str,
                  placement: Placement):
-        super().__init__(train_step, path, out_shardings=placement.replicated)
+        def step_with_xla_convolutions(*args):  # see flaxcnn.kernels.switched_off for why
+            with kernels.switched_off():
+                return train_step(*args)
+
+        super().__init__(step_with_xla_convolutions, path, out_shardings=placement.replicated)
         self.placement = placement
         self._zero_metrics = jax.jit(lambda s: s.replace(metrics=jnp.zeros_like(s.metrics)),
                                      out_shardings=placement.replicated, donate_argnums=0)

@@ -3,10 +3,13 @@ through ``jax.ffi``.
 
 Why: on CPU, XLA runs each convolution as one YNNPACK call on one thread, and the lab networks'
 shapes (3-64 channels, 3x3 or 10x10 kernels, many positions) are where those kernels are
-weakest; see :data:`flaxcnn.models.ops.FFI_CONV` for what was measured. The C++ source is
-compiled once per machine with the system C++ compiler (``-O3 -march=native``) into a cache
-folder (``$FLAXCNN_CACHE_DIR``, default ``~/.cache/flaxcnn``); without a compiler, flaxcnn
-falls back to XLA's own convolutions and says so once.
+weakest; :func:`flaxcnn.models.ops.conv_general_dilated` (which routes convolutions here) and
+the README's Performance section say what was measured. The C++ source is compiled once per
+machine with the system C++ compiler (``-O3 -march=native``: the library is built on the
+machine that runs it) into a cache folder (``$FLAXCNN_CACHE_DIR``, default
+``~/.cache/flaxcnn``), keyed by the source, flags and JAX version; without a compiler, or with
+``FLAXCNN_FFI_CONV=0``, flaxcnn falls back to the XLA formulations in
+:mod:`flaxcnn.models.ops` and says so once.
 """
 
 from __future__ import annotations

@@ -44,9 +44,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
 
     On the CPU backend, a plain float32 convolution (stride 1, no dilation, one group, explicit
     padding, NHWC/HWIO) runs on flaxcnn's C++ kernels (:func:`flaxcnn.kernels.conv2d`) when its
-    output channel count has one: measured on the lab layers at batch 64 they are 2-14x faster
-    than XLA's convolutions (forward, input and kernel gradient), and the training step of Net
-    2.1x, NetWidth 2.5x, ConvNet 1.5x. Without them (no C++ compiler, ``FLAXCNN_FFI_CONV=0``,
+    output channel count has one: measured on the lab layers at batch 64, up to 8x faster than
+    XLA's convolutions per operation (about even on SpeechNet's small late layers), and the
+    training step of Net about 2.1x, NetWidth 2.8x, ConvNet 1.6x. Without them (no C++ compiler, ``FLAXCNN_FFI_CONV=0``,
     other channel counts), the XLA formulations below take over: with few input channels --
     the first layer of every lab network -- :func:`banded_conv`, with many input channels on a
     large map :func:`conv_with_row_kernel_grad`; a large one is cut into batch slices that run

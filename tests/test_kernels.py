@@ -184,3 +184,27 @@ def test_the_sharded_step_is_traced_with_xla_convolutions():
     runner.step_fn(jnp.zeros(()), x, jnp.zeros((4,), jnp.int32), np.arange(2, dtype=np.int32))
     assert seen == [False]
     assert kernels.supports(x, jnp.ones((3, 3, 3, 16)))  # outside the sharded step: on again
+
+
+@needs_kernels
+def test_max_pool_follows_torch_on_nans():
+    # PyTorch's CPU max-pool takes a NaN as the window's maximum (the last NaN of the window)
+    x = np.arange(2 * 6 * 6 * 3, dtype=np.float32).reshape(2, 6, 6, 3) % 7
+    x[0, 0, 1, 0] = x[0, 1, 0, 0] = np.nan
+    x[1, 4, 4, 2] = np.nan
+    g = np.random.default_rng(8).standard_normal((2, 3, 3, 3)).astype(np.float32)
+    y, vjp = jax.vjp(lambda a: kernels.max_pool(a, 2), jnp.asarray(x))
+    t = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    out = torch.nn.functional.max_pool2d(t, 2)
+    (out * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_array_equal(np.asarray(y), out.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), t.grad.numpy().transpose(0, 2, 3, 1))
+
+
+@needs_kernels
+def test_pools_go_to_the_cpp_kernel_when_large_or_cropped():
+    with mock.patch.object(kernels, "max_pool", wraps=kernels.max_pool) as cpp:
+        ops.max_pool(jnp.ones((2, 8, 8, 3)), 2)  # 2x2, no crop: XLA's fused taps
+        ops.max_pool(jnp.ones((2, 9, 8, 3)), 2)  # cropped row
+        ops.max_pool(jnp.ones((2, 8, 8, 3)), 4)  # 4x4
+    assert cpp.call_count == 2

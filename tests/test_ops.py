@@ -21,13 +21,26 @@ def _torch_pool_grad(x, k, weights):
     return out.detach().numpy().transpose(0, 2, 3, 1), t.grad.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.fixture(params=["xla", "cpp"])
+def pool_impl(request):
+    """Each pool test runs on both implementations: XLA's taps/argmax and the C++ kernel."""
+    if request.param == "xla":
+        with mock.patch.object(kernels, "supports_pool", return_value=False):
+            yield "xla"
+    else:
+        if jax.default_backend() != "cpu" or not kernels.available():
+            pytest.skip("the C++ kernels run on the CPU backend and need a C++ compiler")
+        with mock.patch.object(ops, "TAPS_ARGMAX_MAX_WINDOW", 0):  # every window size to C++
+            yield "cpp"
+
+
 def _ours(x, k, weights):
     y, vjp = jax.vjp(lambda a: max_pool(a, k), jnp.asarray(x))
     return np.asarray(y), np.asarray(vjp(jnp.asarray(weights))[0])
 
 
 @pytest.mark.parametrize("shape, k", [((3, 32, 32, 4), 2), ((2, 90, 17, 3), 4), ((2, 15, 9, 2), 2)])
-def test_values_and_gradients_equal_torch(shape, k):
+def test_values_and_gradients_equal_torch(shape, k, pool_impl):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     out_shape = (shape[0], shape[1] // k, shape[2] // k, shape[3])
     weights = np.random.default_rng(1).standard_normal(out_shape).astype(np.float32)
@@ -37,7 +50,7 @@ def test_values_and_gradients_equal_torch(shape, k):
     np.testing.assert_array_equal(ours_grad, ref_grad)
 
 
-def test_ties_send_the_gradient_to_the_first_maximum_like_torch():
+def test_ties_send_the_gradient_to_the_first_maximum_like_torch(pool_impl):
     x = np.zeros((1, 4, 4, 1), np.float32)
     x[0, :2, :2, 0] = 1.0  # a window of four equal maxima
     x[0, 2, 3, 0] = x[0, 3, 2, 0] = 5.0  # two tied maxima, not first in the window
@@ -49,7 +62,7 @@ def test_ties_send_the_gradient_to_the_first_maximum_like_torch():
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])  # the taps-chain (2x2) and the argmax (larger) paths
-def test_ties_in_every_window_size_follow_torch(k):
+def test_ties_in_every_window_size_follow_torch(k, pool_impl):
     rng = np.random.default_rng(k)
     x = rng.integers(0, 3, (2, 4 * k + 1, 3 * k, 3)).astype(np.float32)  # many tied maxima; a cropped edge
     weights = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 SOURCE = Path(__file__).with_name("conv_cpu.cc")
@@ -37,7 +38,9 @@ SOURCE = Path(__file__).with_name("conv_cpu.cc")
 CXXFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
             "-w")
 TARGETS = {"flaxcnn_conv_forward": "FlaxcnnConvForward",
-           "flaxcnn_conv_kernel_grad": "FlaxcnnConvKernelGrad"}
+           "flaxcnn_conv_kernel_grad": "FlaxcnnConvKernelGrad",
+           "flaxcnn_max_pool_forward": "FlaxcnnMaxPoolForward",
+           "flaxcnn_max_pool_backward": "FlaxcnnMaxPoolBackward"}
 
 
 def cache_dir() -> Path:
@@ -118,12 +121,19 @@ def switched_off() -> Iterator[None]:
         _switched_off.depth = depth
 
 
+def _on() -> bool:
+    return jax.default_backend() == "cpu" and not getattr(_switched_off, "depth", 0) and available()
+
+
+def supports_pool(x: jax.Array) -> bool:
+    """Whether :func:`max_pool` runs this pooling with the C++ kernels (float32 on CPU)."""
+    return x.dtype == jnp.float32 and x.ndim == 4 and _on()
+
+
 def supports(x: jax.Array, w: jax.Array) -> bool:
     """Whether :func:`conv2d` runs this float32 NHWC/HWIO convolution with the C++ kernels
     (its output channel count has one) -- building them first if needed."""
-    return (x.dtype == w.dtype == jnp.float32 and w.shape[3] in CHANNELS
-            and jax.default_backend() == "cpu" and not getattr(_switched_off, "depth", 0)
-            and available())
+    return x.dtype == w.dtype == jnp.float32 and w.shape[3] in CHANNELS and _on()
 
 
 def _xla_valid_conv(xp: jax.Array, w: jax.Array) -> jax.Array:
@@ -188,3 +198,32 @@ def _conv2d_bwd(padding, residuals, g):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(x: jax.Array, k: int) -> jax.Array:
+    """``F.max_pool2d(x, k)`` (stride k, floor mode) of an NHWC float32 batch by the C++ kernel;
+    the gradient goes to each window's first maximum (PyTorch's rule on ties)."""
+    return _pool_forward(x, k)[0]
+
+
+def _pool_forward(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    _require()
+    n, h, w, c = x.shape
+    out = (jax.ShapeDtypeStruct((n, h // k, w // k, c), jnp.float32),
+           jax.ShapeDtypeStruct((n, h // k, w // k, c), jnp.int32))
+    return jax.ffi.ffi_call("flaxcnn_max_pool_forward", out, vmap_method="sequential")(x, k=np.int64(k))
+
+
+def _max_pool_fwd(x, k):
+    y, first = _pool_forward(x, k)
+    return y, (first, x.shape)
+
+
+def _max_pool_bwd(k, residuals, g):
+    first, shape = residuals
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return (jax.ffi.ffi_call("flaxcnn_max_pool_backward", out, vmap_method="sequential")(g, first, k=np.int64(k)),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

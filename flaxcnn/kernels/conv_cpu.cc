@@ -1,4 +1,5 @@
-// Direct stride-1 NHWC/HWIO convolution kernels for XLA's CPU backend, called through jax.ffi.
+// Direct stride-1 NHWC/HWIO convolution kernels and a max-pool for XLA's CPU backend, called
+// through jax.ffi.
 //
 // Why hand-written: XLA's CPU convolutions (YNNPACK) run each convolution on one thread and are
 // slow on the lab networks' shapes (few channels, many positions); see flaxcnn/kernels/__init__.py
@@ -352,6 +353,77 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::B
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// max-pool, stride k (floor mode): the forward pass also writes each window's first maximum
+// (row-major position in the window), PyTorch's rule on ties, and like PyTorch's CPU kernel a
+// NaN counts as the maximum (the last NaN of a window, as there); the backward pass writes the
+// window's gradient at that position and zero everywhere else, cropped edge included.
+
+ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                          ffi::ResultBuffer<ffi::S32> first, int64_t k) {
+  auto d = x.dimensions();
+  if (d.size() != 4 || k < 1 || d[1] < k || d[2] < k)
+    return ffi::Error::InvalidArgument("max_pool_forward: expects x (N, H, W, C) with H, W >= k >= 1");
+  const int64_t n = d[0], h = d[1], w = d[2], c = d[3], ho = h / k, wo = w / k;
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  int32_t* index = first->typed_data();
+  ParallelFor(pool, n, Workers(pool), [&](int64_t b) {
+    for (int64_t oh = 0; oh < ho; ++oh)
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        float* best = out + ((b * ho + oh) * wo + ow) * c;
+        int32_t* at = index + ((b * ho + oh) * wo + ow) * c;
+        const float* x0 = in + ((b * h + oh * k) * w + ow * k) * c;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          best[ch] = x0[ch];
+          at[ch] = 0;
+        }
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = (i == 0 ? 1 : 0); j < k; ++j) {
+            const float* xt = x0 + (i * w + j) * c;
+            const int32_t t = static_cast<int32_t>(i * k + j);
+            for (int64_t ch = 0; ch < c; ++ch) {
+              const float v = xt[ch];
+              const bool take = v > best[ch] || v != v;
+              best[ch] = take ? v : best[ch];
+              at[ch] = take ? t : at[ch];
+            }
+          }
+      }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> first,
+                           ffi::ResultBuffer<ffi::F32> dx, int64_t k) {
+  auto gd = g.dimensions(), d = dx->dimensions();
+  if (gd.size() != 4 || d.size() != 4 || gd[1] != d[1] / k || gd[2] != d[2] / k || gd[3] != d[3])
+    return ffi::Error::InvalidArgument("max_pool_backward: expects g (N, H/k, W/k, C) and dx (N, H, W, C)");
+  const int64_t n = d[0], h = d[1], w = d[2], c = d[3], ho = h / k, wo = w / k;
+  const float* grad = g.typed_data();
+  const int32_t* index = first.typed_data();
+  float* out = dx->typed_data();
+  ParallelFor(pool, n, Workers(pool), [&](int64_t b) {
+    float* sample = out + b * h * w * c;
+    for (int64_t oh = 0; oh < ho; ++oh)
+      for (int64_t i = 0; i < k; ++i) {
+        float* row = sample + ((oh * k + i) * w) * c;
+        for (int64_t ow = 0; ow < wo; ++ow) {
+          const float* gv = grad + ((b * ho + oh) * wo + ow) * c;
+          const int32_t* at = index + ((b * ho + oh) * wo + ow) * c;
+          for (int64_t j = 0; j < k; ++j) {
+            float* o = row + (ow * k + j) * c;
+            const int32_t t = static_cast<int32_t>(i * k + j);
+            for (int64_t ch = 0; ch < c; ++ch) o[ch] = at[ch] == t ? gv[ch] : 0.0f;
+          }
+        }
+        std::fill(row + wo * k * c, row + w * c, 0.0f);  // columns past the last window
+      }
+    std::fill(sample + ho * k * w * c, sample + h * w * c, 0.0f);  // rows past the last window
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForward, ConvForward,
@@ -367,3 +439,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvKernelGrad, ConvKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnMaxPoolForward, MaxPoolForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnMaxPoolBackward, MaxPoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("k"));

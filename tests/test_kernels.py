@@ -208,3 +208,11 @@ def test_pools_go_to_the_cpp_kernel_when_large_or_cropped():
         ops.max_pool(jnp.ones((2, 9, 8, 3)), 2)  # cropped row
         ops.max_pool(jnp.ones((2, 8, 8, 3)), 4)  # 4x4
     assert cpp.call_count == 2
+
+
+def test_the_library_is_keyed_by_the_cpu(tmp_path, monkeypatch):
+    # -march=native: a build for one CPU must not be loaded on another from a shared cache
+    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
+    path = kernels.library_path()
+    with mock.patch.object(kernels, "cpu_identity", return_value="another cpu"):
+        assert kernels.library_path() != path

@@ -19,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -47,10 +48,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLAXCNN_CACHE_DIR") or Path.home() / ".cache" / "flaxcnn")
 
 
+def cpu_identity() -> str:
+    """The CPU's model and instruction-set flags: with ``-march=native`` a library built for one CPU
+    may not run on another (say, AVX-512 code on a CPU without it), so a home folder shared between
+    machines keeps one build per kind of CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
+
+
 def library_path() -> Path:
-    """Where the compiled library for this source, compiler flags and jaxlib version lives."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXXFLAGS).encode()
-                         + jax.__version__.encode()).hexdigest()[:16]
+    """Where the compiled library for this source, compiler flags, jaxlib version and CPU lives."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXXFLAGS).encode() + jax.__version__.encode()
+                         + cpu_identity().encode()).hexdigest()[:16]
     return cache_dir() / f"conv_cpu-{key}.so"
 
 

@@ -45,6 +45,7 @@ TARGETS = {"flaxcnn_conv_forward": "FlaxcnnConvForward",
 
 
 def cache_dir() -> Path:
+    """Where built libraries are kept: ``$FLAXCNN_CACHE_DIR``, default ``~/.cache/flaxcnn``."""
     return Path(os.environ.get("FLAXCNN_CACHE_DIR") or Path.home() / ".cache" / "flaxcnn")
 
 
@@ -68,6 +69,7 @@ def library_path() -> Path:
 
 
 def compiler() -> str | None:
+    """The C++ compiler to build with: ``$CXX``, else the first of g++, c++, clang++ on PATH."""
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
@@ -120,7 +122,8 @@ _switched_off = threading.local()
 
 @contextlib.contextmanager
 def switched_off() -> Iterator[None]:
-    """Within this block (while a function is traced), convolutions do not use the C++ kernels.
+    """Within this block (while a function is traced), convolutions and pools do not use the C++
+    kernels.
 
     Used for the data-parallel step over a mesh: XLA's SPMD partitioner cannot split a custom
     call, so it would gather the whole batch onto every device and compute each convolution

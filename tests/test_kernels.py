@@ -216,3 +216,11 @@ def test_the_library_is_keyed_by_the_cpu(tmp_path, monkeypatch):
     path = kernels.library_path()
     with mock.patch.object(kernels, "cpu_identity", return_value="another cpu"):
         assert kernels.library_path() != path
+
+
+@needs_kernels
+def test_an_empty_batch_gives_an_empty_output_and_a_zero_kernel_gradient():
+    x, w = jnp.ones((0, 8, 8, 16)), jnp.ones((3, 3, 16, 8))
+    out, vjp = jax.vjp(lambda a: kernels.conv2d(x, a, ((1, 1), (1, 1))), w)
+    assert out.shape == (0, 8, 8, 8)
+    np.testing.assert_array_equal(np.asarray(vjp(out)[0]), np.zeros(w.shape, np.float32))

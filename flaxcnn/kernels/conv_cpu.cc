@@ -337,6 +337,10 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::B
   const GradFn grad = PickKernelGrad(s.o);
   if (grad == nullptr) return ffi::Error::InvalidArgument("conv_kernel_grad: no kernel for this output channel count");
   const int64_t size = s.kh * s.kw * s.c * s.o;
+  if (s.n == 0) {  // an empty batch contributes nothing
+    std::fill(dw->typed_data(), dw->typed_data() + size, 0.0f);
+    return ffi::Error::Success();
+  }
   // The batch is cut into a fixed number of sample groups (not one per thread), each summed into
   // its own buffer, and the buffers are added in group order: the result has the same bits
   // whichever thread ran which group and however many threads there are (a run is reproducible).

@@ -46,8 +46,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     padding, NHWC/HWIO) runs on flaxcnn's C++ kernels (:func:`flaxcnn.kernels.conv2d`) when its
     output channel count has one: measured on the lab layers at batch 64, up to 8x faster than
     XLA's convolutions per operation (about even on SpeechNet's small late layers), and the
-    training step of Net about 2.1x, NetWidth 2.8x, ConvNet 1.6x. Without them (no C++ compiler, ``FLAXCNN_FFI_CONV=0``,
-    other channel counts), the XLA formulations below take over: with few input channels --
+    training step of Net about 2.1x, NetWidth 2.8x, ConvNet 1.6x. Without them (no C++ compiler,
+    ``FLAXCNN_FFI_CONV=0``, other channel counts), the XLA formulations below take over: with few input channels --
     the first layer of every lab network -- :func:`banded_conv`, with many input channels on a
     large map :func:`conv_with_row_kernel_grad`; a large one is cut into batch slices that run
     on all cores (:func:`split_batch`). Everything else goes to XLA's convolution unchanged.

@@ -10,12 +10,16 @@ Paths (``--path``):
           the last partial batch as one call. The default on GPU/TPU, where per-call
           dispatch dominates these small models.
 
+``--path auto`` picks by the platform of the device the arrays and the step are placed on
+(:func:`placement_platform`), not by ``jax.default_backend()``: a run placed on a CPU device of
+a GPU host (``jax.default_device``) is a CPU run.
+
 Both run the same ``train_step`` function, so they compute the same numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +33,28 @@ from flaxcnn.train.state import Graphs, TrainState
 Batch = tuple[jax.Array, jax.Array]
 
 
-def default_path() -> str:
-    return "step" if jax.default_backend() == "cpu" else "scan"
+def placement_platform(devices: Sequence[jax.Device] | None = None) -> str:
+    """The platform (``"cpu"``, ``"gpu"``, ``"tpu"``) of the devices a computation is placed on.
+
+    ``devices``: the devices given (a mesh's, say); they must share one platform. None: the
+    device that ``jnp.asarray`` and an unsharded ``jax.jit`` use, i.e. ``jax.default_device``
+    (the option or its context manager) when set, else the first device of the default backend.
+    """
+    if devices is None:
+        default = jax.config.jax_default_device
+        if default is None:
+            return jax.devices()[0].platform
+        return jax.devices(default)[0].platform if isinstance(default, str) else default.platform
+    platforms = sorted({d.platform for d in devices})
+    if len(platforms) != 1:
+        raise ValueError(f"the devices must share one platform to pick a path, got {', '.join(platforms) or 'none'}")
+    return platforms[0]
+
+
+def default_path(devices: Sequence[jax.Device] | None = None) -> str:
+    """``--path auto``: ``step`` on CPU devices, ``scan`` elsewhere (see the module notes), for the
+    devices the run is placed on (:func:`placement_platform`)."""
+    return "step" if placement_platform(devices) == "cpu" else "scan"
 
 
 def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation, l2: float = 0.0

@@ -10,7 +10,9 @@ Strategies (``--strategy``):
                 learning rate and weight decay are values in its optimizer state, so one
                 compiled program serves all K. Runs differ from ``sequential`` only by float
                 rounding (the batched convolutions sum in another order).
-``auto``        ``sequential`` on CPU, ``vmap`` elsewhere. XLA's CPU backend runs the batched
+``auto``        ``sequential`` on CPU, ``vmap`` elsewhere (by the platform of the device the
+                models are placed on, :func:`flaxcnn.train.steps.placement_platform`, not by
+                ``jax.default_backend()``). XLA's CPU backend runs the batched
                 convolutions of a vmapped CNN far slower than K separate ones (see
                 ``benchmarks/scaling.py`` and docs/scaling.md for the numbers on this
                 machine); on a GPU one program of K small models keeps the device busy where
@@ -49,7 +51,7 @@ from flaxcnn.train.plots import plot_curves
 from flaxcnn.train.progress import say
 from flaxcnn.train.runlog import MetricsLog, prepare_run_dir, write_json
 from flaxcnn.train.state import TrainState, split_model
-from flaxcnn.train.steps import default_path, make_train_step
+from flaxcnn.train.steps import default_path, make_train_step, placement_platform
 
 STRATEGIES = ("auto", "sequential", "vmap")
 
@@ -82,8 +84,9 @@ def member_configs(base: TrainConfig, out: str | Path, *, seeds: Sequence[int] |
 
 
 def choose_strategy(strategy: str, config: TrainConfig) -> str:
-    """``auto``: sequential on CPU (vmapped convolutions are slow there) and whenever the
-    learning rate follows a schedule, vmap otherwise."""
+    """``auto``: sequential when the models are placed on a CPU device (vmapped convolutions are
+    slow there; :func:`flaxcnn.train.steps.placement_platform`) and whenever the learning rate
+    follows a schedule, vmap otherwise."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "vmap" and config.schedule != "constant":
@@ -91,7 +94,7 @@ def choose_strategy(strategy: str, config: TrainConfig) -> str:
                           "use --strategy sequential for scheduled learning rates")
     if strategy != "auto":
         return strategy
-    return "sequential" if jax.default_backend() == "cpu" or config.schedule != "constant" else "vmap"
+    return "sequential" if placement_platform() == "cpu" or config.schedule != "constant" else "vmap"
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -306,7 +309,7 @@ def run_sweep(base: TrainConfig, out: str | Path, *, seeds: Sequence[int] | None
                                val_fraction=first.val_fraction)
     say(f"sweep: {len(configs)} runs of {first.model} on {dataset.name}, strategy {chosen}"
         f"{' (all models on one device)' if chosen == 'vmap' else ''}"
-        f"{' (auto on ' + jax.default_backend() + ')' if strategy == 'auto' else ''} -> {out}", quiet=quiet)
+        f"{' (auto on ' + placement_platform() + ')' if strategy == 'auto' else ''} -> {out}", quiet=quiet)
     start = time.perf_counter()
     train = train_vmapped if chosen == "vmap" else train_sequential
     results = train(configs, dataset, overwrite=overwrite, quiet=quiet)

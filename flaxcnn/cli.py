@@ -59,6 +59,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="save the latest checkpoint every N epochs (default 1)")
     p.add_argument("--devices", type=int, help="data parallel over this many local devices per process; the "
                    "global batch is split over them (default: all local devices)")
+    g = p.add_argument_group("augmentation (training batches only, on device, from --seed; default: none)")
+    g.add_argument("--time-shift", type=int, metavar="FRAMES", help="speech: shift clips by up to this many frames")
+    g.add_argument("--time-masks", type=int, metavar="N", help="speech: SpecAugment time masks per clip")
+    g.add_argument("--time-mask-width", type=int, metavar="FRAMES", help="speech: widest time mask")
+    g.add_argument("--freq-masks", type=int, metavar="N", help="speech: SpecAugment frequency masks per clip")
+    g.add_argument("--freq-mask-width", type=int, metavar="FILTERS", help="speech: widest frequency mask")
+    g.add_argument("--gain-db", type=float, metavar="DB", help="speech: random gain in +-DB per clip")
+    g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) weights")
 
 
 def _add_process_options(p: argparse.ArgumentParser) -> None:
@@ -73,7 +81,9 @@ def _add_process_options(p: argparse.ArgumentParser) -> None:
 _FIELDS = {"model": "model", "dataset": "dataset", "classes": "classes", "data_dir": "data_dir", "split": "split",
            "val_fraction": "val_fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "schedule": "schedule", "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "seed": "seed", "init": "init",
-           "shuffle": "shuffle", "path": "path", "checkpoint_every": "checkpoint_every", "devices": "devices"}
+           "shuffle": "shuffle", "path": "path", "checkpoint_every": "checkpoint_every", "devices": "devices",
+           "time_shift": "time_shift", "time_masks": "time_masks", "time_mask_width": "time_mask_width",
+           "freq_masks": "freq_masks", "freq_mask_width": "freq_mask_width", "gain_db": "gain_db", "mixup": "mixup"}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -133,8 +143,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from flaxcnn.train.crossval import run_cv
+
+    config = config_from_args(args)
+    run_cv(config, args.out or f"runs/cv-{config.model}-{config.dataset}", folds=args.folds,
+           seeds=args.seeds, quiet=args.quiet)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flaxcnn.train.loop import load_run
+
+    if args.split == "all":
+        return _evaluate_all(args)
 
     session, state, epoch = load_run(args.run, args.checkpoint, data_dir=args.data_dir)
     result = {"run": args.run, "checkpoint": args.checkpoint, "epoch": epoch, "model": session.config.model,
@@ -150,6 +172,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.run} ({args.checkpoint} checkpoint, epoch {epoch}): " + "  ".join(
             f"{s} acc {result[f'{s}_accuracy']:.4f} loss {result[f'{s}_loss']:.4f}"
             for s in ("train", "val", "test") if f"{s}_accuracy" in result))
+    return 0
+
+
+def _evaluate_all(args: argparse.Namespace) -> int:
+    from flaxcnn.train.evaluation import evaluate_all
+
+    result = evaluate_all(args.run, args.data_dir, args.checkpoint, args.out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.run} ({args.checkpoint} checkpoint, epoch {result['epoch']}) on {result['data']}: "
+          f"accuracy {result['accuracy']:.4f} ({result['count']} examples)")
+    for row in result["per_class"]:
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        print(f"  {row['class']:<12} {acc:>7}  ({row['correct']}/{row['count']})")
+    print(f"confusion matrix: {result['confusion_png']}")
     return 0
 
 
@@ -237,10 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("cv", help="k-fold cross-validation (speech: speaker-grouped), one run per fold and seed")
+    _add_training_options(p)
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seeds", type=_number_list(int, "--seeds"), help="e.g. 0,1,2 (default: --seed)")
+    p.add_argument("--out", help="cv directory: seed<S>/fold<K>/ runs, cv.json, cv.md "
+                                 "(default runs/cv-MODEL-DATASET); finished runs in it are reused")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_cv)
+
     p = sub.add_parser("evaluate", help="accuracy and loss of a run's checkpoint on every split")
     p.add_argument("--run", required=True)
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
     p.add_argument("--data-dir", help="evaluate on this data folder instead of the run's")
+    p.add_argument("--split", choices=["splits", "all"], default="splits",
+                   help="splits: train/val/test as in training (default); all: every example of the folder, "
+                        "with per-class accuracy and a confusion-matrix PNG")
+    p.add_argument("--out", help="--split all: folder for eval_all.json and confusion.png "
+                                 "(default RUN_DIR/eval-all-<folder>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

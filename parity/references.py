@@ -186,3 +186,42 @@ class SpeechNet(nn.Module):
                 x = F.max_pool2d(x, 2)
         x = self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1))
         return F.log_softmax(self.fc(x), dim=1)
+
+
+class SpeechResNet(nn.Module):
+    """``flaxcnn.models.speech.SpeechResNet``: input BatchNorm, stem conv3x3-BN-ReLU, residual
+    stages (2x2 max-pool, then blocks of conv3x3-BN-ReLU-conv3x3-BN plus an identity or
+    1x1 conv-BN shortcut, ReLU), global average pooling, dropout, fc, log_softmax."""
+
+    def __init__(self, num_classes: int = 35, channels: tuple[int, ...] = (16, 32, 64), blocks: int = 1,
+                 dropout: float = 0.3):
+        super().__init__()
+        self.names = [(f"s{s}b{b}", c) for s, c in enumerate(channels, start=1) for b in range(1, blocks + 1)]
+        self.bn_in = nn.BatchNorm2d(1)
+        self.stem = nn.Conv2d(1, channels[0], kernel_size=3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(channels[0])
+        c_in = channels[0]
+        for name, c_out in self.names:
+            setattr(self, f"{name}_conv1", nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+            setattr(self, f"{name}_bn1", nn.BatchNorm2d(c_out))
+            setattr(self, f"{name}_conv2", nn.Conv2d(c_out, c_out, kernel_size=3, padding=1))
+            setattr(self, f"{name}_bn2", nn.BatchNorm2d(c_out))
+            if c_in != c_out:
+                setattr(self, f"{name}_proj", nn.Conv2d(c_in, c_out, kernel_size=1))
+                setattr(self, f"{name}_proj_bn", nn.BatchNorm2d(c_out))
+            c_in = c_out
+        self.drop = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(self.bn_in(x))))
+        for name, _ in self.names:
+            if name.rsplit("b", 1)[1] == "1":  # first block of a stage
+                x = F.max_pool2d(x, 2)
+            out = F.relu(getattr(self, f"{name}_bn1")(getattr(self, f"{name}_conv1")(x)))
+            out = getattr(self, f"{name}_bn2")(getattr(self, f"{name}_conv2")(out))
+            shortcut = (getattr(self, f"{name}_proj_bn")(getattr(self, f"{name}_proj")(x))
+                        if hasattr(self, f"{name}_proj") else x)
+            x = F.relu(out + shortcut)
+        x = self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return F.log_softmax(self.fc(x), dim=1)

@@ -85,3 +85,6 @@ register(ModelSpec("convnet", speech.ConvNet, "parity.references:ConvNet", _SPEE
                    description="speech lab ConvNet: conv10(k10)-pool4-fc100"))
 register(ModelSpec("speechnet", speech.SpeechNet, "parity.references:SpeechNet", _SPEECH, "nll", "speech",
                    description="speech lab exercise: input BN, conv3x3-BN-ReLU x4 (8-16-32-64), GAP, fc"))
+register(ModelSpec("speechresnet", speech.SpeechResNet, "parity.references:SpeechResNet", _SPEECH, "nll", "speech",
+                   description="speech exercise: input BN, stem conv3x3 16, residual stages 16-32-64 "
+                               "(pool, 2 conv3x3-BN + shortcut), GAP, fc"))

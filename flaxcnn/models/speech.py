@@ -78,3 +78,58 @@ class SpeechNet(nnx.Module):
                 x = max_pool(x, 2)
         x = self.drop(global_avg_pool(x))
         return jax.nn.log_softmax(self.fc(x), axis=1)
+
+
+class SpeechResNet(nnx.Module):
+    """A small residual network for keywords from unseen speakers (the exercise, chosen by
+    speaker-grouped cross-validation: see the README's speech section).
+
+    ``bn_in`` (BatchNorm2d(1)) normalises the raw log energies; a stem conv 3x3 ->
+    BatchNorm2d -> ReLU with ``channels[0]`` maps at full resolution; then one residual stage
+    per entry of ``channels``, each after a 2x2 max-pool: ``blocks`` residual blocks of two conv
+    3x3 -> BatchNorm2d layers (ReLU between them and after the sum), whose shortcut is the
+    identity, or a 1x1 conv -> BatchNorm2d where the channel count changes. Global average
+    pooling, ``Dropout(dropout)``, ``fc``, log_softmax (NLL loss, as in the lab).
+    With the default (16, 32, 64): (N, 1, 99, 26) -> stem (N, 16, 99, 26) -> (N, 16, 49, 13)
+    -> (N, 32, 24, 6) -> (N, 64, 12, 3) -> (N, 64) -> (N, classes).
+    Layers are flat attributes (``s1b1_conv1``, ``s1b1_bn1``, ..., ``s2b1_proj``,
+    ``s2b1_proj_bn``) so the state_dict keys are flat.
+    """
+
+    def __init__(self, num_classes: int = 35, channels: tuple[int, ...] = (16, 32, 64), blocks: int = 1,
+                 dropout: float = 0.3, *, init: str = "torch", rngs: nnx.Rngs):
+        init = check_init(init)
+        self.channels, self.blocks = tuple(channels), int(blocks)
+        self.bn_in = BatchNorm2d(1)
+        self.stem = conv2d(1, channels[0], 3, 1, init=init, rngs=rngs)
+        self.stem_bn = BatchNorm2d(channels[0])
+        c_in = channels[0]
+        for name, c_out in self.block_names():
+            setattr(self, f"{name}_conv1", conv2d(c_in, c_out, 3, 1, init=init, rngs=rngs))
+            setattr(self, f"{name}_bn1", BatchNorm2d(c_out))
+            setattr(self, f"{name}_conv2", conv2d(c_out, c_out, 3, 1, init=init, rngs=rngs))
+            setattr(self, f"{name}_bn2", BatchNorm2d(c_out))
+            if c_in != c_out:
+                setattr(self, f"{name}_proj", conv2d(c_in, c_out, 1, 0, init=init, rngs=rngs))
+                setattr(self, f"{name}_proj_bn", BatchNorm2d(c_out))
+            c_in = c_out
+        self.drop = Dropout(dropout, rngs=rngs)
+        self.fc = linear(channels[-1], num_classes, init=init, rngs=rngs)
+
+    def block_names(self) -> list[tuple[str, int]]:
+        """(attribute prefix, output channels) of every residual block, in order."""
+        return [(f"s{s}b{b}", c) for s, c in enumerate(self.channels, start=1) for b in range(1, self.blocks + 1)]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.bn_in(nchw_to_nhwc(check_input(x, SPEECH_CHW, "SpeechResNet")))
+        x = jax.nn.relu(self.stem_bn(self.stem(x)))
+        for name, _ in self.block_names():
+            if name.rsplit("b", 1)[1] == "1":  # first block of a stage
+                x = max_pool(x, 2)
+            layer = lambda suffix: getattr(self, f"{name}_{suffix}")  # noqa: E731
+            out = jax.nn.relu(layer("bn1")(layer("conv1")(x)))
+            out = layer("bn2")(layer("conv2")(out))
+            shortcut = layer("proj_bn")(layer("proj")(x)) if hasattr(self, f"{name}_proj") else x
+            x = jax.nn.relu(out + shortcut)
+        x = self.drop(global_avg_pool(x))
+        return jax.nn.log_softmax(self.fc(x), axis=1)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flaxcnn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flaxcnn.train.augment import AugmentSettings
 
 PATHS = ("auto", "step", "scan")
 SCHEDULES = ("constant", "cosine")
@@ -42,6 +45,15 @@ class TrainConfig:
     devices: int | None = None  # data parallel over this many local devices per process (None: all)
     num_classes: int | None = None  # default: the data set's number of classes
     preset: str | None = None
+    # Training-time augmentation, on device (flaxcnn.train.augment); all off by default and in
+    # the lab presets. Spectrogram transforms apply to speech only.
+    time_shift: int = 0  # max frames a clip moves either way
+    time_masks: int = 0  # SpecAugment time masks per clip ...
+    time_mask_width: int = 0  # ... each up to this many frames
+    freq_masks: int = 0  # SpecAugment frequency masks per clip ...
+    freq_mask_width: int = 0  # ... each up to this many mel filters
+    gain_db: float = 0.0  # random gain in +-gain_db dB per clip
+    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, domain: str) -> "TrainConfig":
@@ -84,6 +96,24 @@ class TrainConfig:
                                       and self.devices >= 1),
              f"--devices must be an integer >= 1, got {self.devices}")
         self.check_model_fits_dataset()
+        self.check_augmentation()
+
+    def augment_settings(self) -> AugmentSettings:
+        """The augmentation fields as one :class:`~flaxcnn.train.augment.AugmentSettings`."""
+        from flaxcnn.train.augment import AugmentSettings
+
+        return AugmentSettings(time_shift=self.time_shift, time_masks=self.time_masks,
+                               time_mask_width=self.time_mask_width, freq_masks=self.freq_masks,
+                               freq_mask_width=self.freq_mask_width, gain_db=self.gain_db, mixup=self.mixup)
+
+    def check_augmentation(self) -> None:
+        from flaxcnn.data import dataset_domain
+
+        settings = self.augment_settings()
+        settings.validate()
+        if settings.spectrogram and dataset_domain(self.dataset) != "speech":
+            raise ConfigError("--time-shift, --time-masks, --freq-masks and --gain-db augment speech features "
+                              f"only; dataset {self.dataset!r} is images (--mixup applies to both)")
 
     def check_model_fits_dataset(self) -> None:
         from flaxcnn.data import dataset_domain

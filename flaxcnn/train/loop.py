@@ -34,6 +34,7 @@ from flaxcnn.data.batching import epoch_permutation
 from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.models.registry import ModelSpec, get_model
 from flaxcnn.train import distributed
+from flaxcnn.train.augment import Augmenter
 from flaxcnn.train.checkpoint import Checkpoints
 from flaxcnn.train.config import TrainConfig
 from flaxcnn.train.optim import learning_rate, sgd
@@ -82,7 +83,9 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Sessio
     graphs, state = create_state(model, tx)
     path = default_path() if config.path == "auto" else config.path
     config = dataclasses.replace(config, path=path)
-    runner = EpochRunner(make_train_step(graphs, spec.loss, tx, config.l2), path)
+    settings = config.augment_settings()
+    augment = Augmenter(settings, config.seed) if settings.active else None
+    runner = EpochRunner(make_train_step(graphs, spec.loss, tx, config.l2, augment), path)
     splits = {"train": dataset.train, "test": dataset.test}
     if dataset.val is not None:
         splits["val"] = dataset.val

@@ -57,11 +57,18 @@ def default_path(devices: Sequence[jax.Device] | None = None) -> str:
     return "step" if placement_platform(devices) == "cpu" else "scan"
 
 
-def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation, l2: float = 0.0
-                    ) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
-    """Pure ``(state, x, y) -> state``: forward, lab loss (+ L2 penalty), SGD update, metrics."""
+def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation, l2: float = 0.0,
+                    augment: Callable | None = None) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
+    """Pure ``(state, x, y) -> state``: forward, lab loss (+ L2 penalty), SGD update, metrics.
+
+    ``augment`` (a :class:`flaxcnn.train.augment.Augmenter`), when given, transforms each batch
+    first, keyed by the step count; mixup's partner labels weigh into the loss."""
 
     def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> TrainState:
+        mixed = augment(x, y, state.step) if augment is not None else None
+        if mixed is not None:
+            x = mixed.x
+
         def objective(params, rest):
             # Fresh Variable objects for rest (BatchNorm statistics, RNG streams), created inside
             # the gradient trace, so NNX lets the forward pass update them there.
@@ -69,6 +76,8 @@ def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation,
             model = nnx.merge(graphs.train, params, rest)
             out = model(x)
             losses = per_example_loss(loss, out, y)
+            if mixed is not None and augment.settings.mixup:
+                losses = mixed.lam * losses + (1 - mixed.lam) * per_example_loss(loss, out, mixed.y_partner)
             data_loss = jnp.mean(losses)
             total = data_loss + l2 * l2_penalty(params) if l2 else data_loss
             _, _, rest = nnx.split(model, nnx.Param, ...)

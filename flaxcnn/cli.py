@@ -148,7 +148,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     run_cv(config, args.out or f"runs/cv-{config.model}-{config.dataset}", folds=args.folds,
-           seeds=args.seeds, quiet=args.quiet)
+           seeds=args.seeds, quiet=args.quiet, final=args.final)
     return 0
 
 
@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_number_list(int, "--seeds"), help="e.g. 0,1,2 (default: --seed)")
     p.add_argument("--out", help="cv directory: seed<S>/fold<K>/ runs, cv.json, cv.md "
                                  "(default runs/cv-MODEL-DATASET); finished runs in it are reused")
+    p.add_argument("--final", action="store_true",
+                   help="then train the final model on every example into OUT/final (seed: the first seed)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cv)
 

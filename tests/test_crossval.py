@@ -92,13 +92,13 @@ def test_cv_command_end_to_end(tmp_path, capsys):
     root = write_speech_folder(tmp_path / "speech")
     out = tmp_path / "cv"
     args = ["cv", "--model", "speechnet", "--dataset", "speech", "--data-dir", str(root), "--epochs", "1",
-            "--batch-size", "8", "--lr", "0.01", "--folds", "3", "--seeds", "0,1", "--time-shift", "3",
+            "--batch-size", "8", "--lr", "0.01", "--folds", "2", "--seeds", "0,1", "--time-shift", "3",
             "--out", str(out), "--quiet"]
-    assert main(args) == 0
+    assert main(args + ["--final"]) == 0
     result = json.loads((out / "cv.json").read_text())
-    assert result["grouping"] == "speaker" and result["folds"] == 3 and result["seeds"] == [0, 1]
+    assert result["grouping"] == "speaker" and result["folds"] == 2 and result["seeds"] == [0, 1]
     assert sum(result["fold_sizes"]) == 36
-    assert [(r["seed"], r["fold"]) for r in result["runs"]] == [(s, f) for s in (0, 1) for f in (1, 2, 3)]
+    assert [(r["seed"], r["fold"]) for r in result["runs"]] == [(s, f) for s in (0, 1) for f in (1, 2)]
     accs = np.array([r["held_out_accuracy"] for r in result["runs"]])
     assert result["mean"] == pytest.approx(accs.mean()) and result["std"] == pytest.approx(accs.std(ddof=1))
     for r in result["runs"]:
@@ -108,6 +108,8 @@ def test_cv_command_end_to_end(tmp_path, capsys):
     config = json.loads((out / "seed1" / "fold2" / "config.json").read_text())
     assert config["config"]["time_shift"] == 3 and config["dataset"]["info"]["cv_fold"] == 1
     assert "Held-out accuracy" in (out / "cv.md").read_text()
+    final = json.loads((out / "final" / "summary.json").read_text())
+    assert final["train_size"] == 36 and final["seed"] == 0 and "none held out" in final["test_split"]
     # A second call reuses the finished runs instead of training again.
     before = (out / "seed0" / "fold1" / "summary.json").stat().st_mtime_ns
     assert main(args) == 0

@@ -15,6 +15,7 @@ Layout of ``--out``::
     OUT/seed<S>/fold<K>/   a normal run directory (config, metrics, checkpoints, summary)
     OUT/cv.json            every run's held-out accuracy, mean and standard deviation
     OUT/cv.md              the same as a markdown table
+    OUT/final/             with ``--final``: one model trained on every example (no held-out data)
 
 The held-out accuracy of a run is its ``test_accuracy``: evaluation mode, after the last
 epoch. The per-epoch ``val`` column of a fold run is the same held-out fold (so the
@@ -159,9 +160,42 @@ def fold_dataset(pool: Pool, folds: list[np.ndarray], index: int) -> Dataset:
                    info=info)
 
 
+def all_dataset(pool: Pool) -> Dataset:
+    """Every example as training data, for the final model. There is no held-out data: the
+    ``test`` split is the training data itself, and ``info`` says so."""
+    x = pool.x
+    info: dict[str, Any] = {"split": "all", "split_sizes": {"train": len(pool.y)},
+                            "test_split": "the training examples themselves (no held-out data)"}
+    if pool.standardize:
+        mean = x.mean(axis=(0, 2, 3), dtype=np.float64)
+        std = x.std(axis=(0, 2, 3), dtype=np.float64, ddof=1)
+        x = ((x - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)).astype(np.float32)
+        info.update(normalized=True, mean=mean.tolist(), std=std.tolist(), stats_from="all training images")
+    split = SplitArrays(x, pool.y)
+    return Dataset(name=pool.name, train=split, test=split, class_names=pool.class_names,
+                   source=f"{pool.source}; all examples", info=info)
+
+
+def fit_final(config: TrainConfig, out: str | Path, *, quiet: bool = False, pool: Pool | None = None
+              ) -> dict[str, Any]:
+    """Train one model on every example (the settings chosen by cross-validation) into ``out``."""
+    from flaxcnn.train.loop import fit
+
+    run_dir = Path(out)
+    if (run_dir / "summary.json").exists():
+        say(f"final model already trained in {run_dir}", quiet=quiet)
+        return read_json(run_dir / "summary.json")
+    summary = fit(dataclasses.replace(config, out=str(run_dir)), resume=run_dir.exists(), quiet=quiet,
+                  dataset=all_dataset(pool or load_pool(config)))
+    summary["test_split"] = "none held out: test_accuracy is measured on the training examples"
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
 def run_cv(config: TrainConfig, out: str | Path, *, folds: int = 5, seeds: list[int] | None = None,
-           fold_seed: int = FOLD_SEED, quiet: bool = False) -> dict[str, Any]:
-    """Train ``folds`` x ``seeds`` runs with :func:`flaxcnn.train.loop.fit`; write cv.json and cv.md."""
+           fold_seed: int = FOLD_SEED, quiet: bool = False, final: bool = False) -> dict[str, Any]:
+    """Train ``folds`` x ``seeds`` runs with :func:`flaxcnn.train.loop.fit`; write cv.json and cv.md.
+    ``final``: then train one model on every example into ``OUT/final`` (seed: the first seed)."""
     from flaxcnn.train.loop import fit
 
     config.validate()
@@ -191,6 +225,8 @@ def run_cv(config: TrainConfig, out: str | Path, *, folds: int = 5, seeds: list[
     (out / "cv.md").write_text(markdown(result))
     say(f"cv: held-out accuracy {result['mean']:.4f} +- {result['std']:.4f} (mean +- std over {len(runs)} runs: "
         f"{folds} folds x {len(seeds)} seeds) -> {out / 'cv.md'}", quiet=quiet)
+    if final:
+        fit_final(dataclasses.replace(config, seed=seeds[0]), out / "final", quiet=quiet, pool=pool)
     return result
 
 

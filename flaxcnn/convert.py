@@ -16,6 +16,22 @@ conv stack                                           order (see ``flaxcnn.models
 tracked``                 ``bnN.num_batches_tracked`` int64 <-> int32
 ========================  =========================  =======================================
 
+Nested modules are named as PyTorch names them: attributes by name, ``nnx.Sequential``,
+``nnx.List`` and lists of blocks by index, ``nnx.Dict`` by key, so ``features.0.weight`` is
+``features.layers[0].kernel`` in an ``nnx.Sequential`` and ``blocks.1.bn.running_var`` is
+``blocks[1].bn.var`` (:func:`named_layers` gives the names). Supported layers: ``nnx.Conv``
+with a 2-D kernel (``nn.Conv2d``), ``nnx.Linear`` (``nn.Linear``),
+:class:`flaxcnn.models.layers.BatchNorm2d` (``nn.BatchNorm2d``), and layers that hold no
+parameters or statistics (activations, pooling, dropout, flatten; plain functions in an
+``nnx.Sequential``). Anything else that holds variables is refused in one error naming it.
+
+Flatten order: a Flax model that flattens an NHWC map feeds its first ``Linear`` rows in
+(h, w, c) order, PyTorch's ``x.view(N, -1)`` in (c, h, w) order. The rows of that ``Linear``
+are permuted when the model declares ``nchw_flatten = {"<torch name of the Linear>": (C, H, W)}``
+(the lab models do, e.g. ``{"fc1": (8, 8, 8)}``), or when the same mapping is passed as
+``nchw_flatten=`` to the functions below (it then replaces the model's). A model that flattens
+in NCHW order itself (transposes back before the reshape) declares nothing.
+
 Conversion is strict like ``load_state_dict(strict=True)``: every missing, unexpected or
 mis-shaped key is collected and reported in one :class:`~flaxcnn.errors.ConversionError`.
 torch is imported only by the functions that produce or read torch objects.
@@ -90,33 +106,120 @@ def _batchnorm_rules() -> list[Rule]:
     ]
 
 
-def _iter_layers(module: nnx.Module, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, nnx.Module]]:
-    """(dotted name, layer) for every convertible layer, in definition order (torch's key order)."""
-    for name, value in vars(module).items():
-        if not isinstance(value, nnx.Module):
-            continue
-        path = prefix + (name,)
-        if isinstance(value, (nnx.Conv, nnx.Linear, BatchNorm2d)):
-            yield ".".join(path), value
-        else:
-            yield from _iter_layers(value, path)
+SUPPORTED_LAYERS = (
+    "nnx.Conv with a 2-D kernel (from nn.Conv2d), nnx.Linear (nn.Linear), "
+    "flaxcnn.models.layers.BatchNorm2d (nn.BatchNorm2d; nnx.BatchNorm stores the biased variance "
+    "and uses the other momentum convention), and layers without parameters or statistics "
+    "(activations, pooling, dropout, flatten, plain functions in an nnx.Sequential)"
+)
+
+FlattenSpec = Mapping[str, tuple[int, int, int]]
 
 
-def _rules_for(model: nnx.Module, name: str, layer: nnx.Module) -> list[Rule]:
+def _holds_module(value) -> bool:
+    if isinstance(value, nnx.Module):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_module(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_module(v) for v in value.values())
+    return False
+
+
+def _children(node) -> Iterator[tuple[str, object]]:
+    """(PyTorch-style name, child) of one node, in definition order (PyTorch's key order)."""
+    if isinstance(node, nnx.Sequential):
+        # every element, plain functions included: nn.Sequential numbers its modules the same way
+        yield from ((str(i), f) for i, f in enumerate(node.layers))
+    elif isinstance(node, (list, tuple, nnx.List)):
+        yield from ((str(i), v) for i, v in enumerate(node) if _holds_module(v))
+    elif isinstance(node, dict):
+        yield from ((str(k), v) for k, v in node.items() if _holds_module(v))
+    else:  # an nnx.Module, nnx.Dict included: its attributes in assignment order
+        yield from ((k, v) for k, v in vars(node).items()
+                    if not k.startswith("_pytree__") and _holds_module(v))
+
+
+def named_layers(model: nnx.Module, *, leaves_only: bool = True) -> Iterator[tuple[str, object]]:
+    """(dotted name as PyTorch names it, layer) for every layer of ``model``, in definition order.
+
+    A layer is a module without child modules, or a plain function in an ``nnx.Sequential``
+    (``features.1`` for ``nnx.Sequential(conv, jax.nn.relu, ...)``, like ``nn.ReLU()`` at
+    ``features.1`` of an ``nn.Sequential``). With ``leaves_only=False`` containers are listed
+    too, before their children.
+    """
+
+    def walk(node, prefix: str) -> Iterator[tuple[str, object]]:
+        for name, child in _children(node):
+            path = f"{prefix}{name}"
+            if isinstance(child, (list, tuple, dict)) or (
+                isinstance(child, nnx.Module) and any(True for _ in _children(child))
+            ):
+                if not leaves_only and isinstance(child, nnx.Module):
+                    yield path, child
+                yield from walk(child, path + ".")
+            elif isinstance(child, nnx.Module) or callable(child):
+                yield path, child
+
+    yield from walk(model, "")
+
+
+def _has_state(variables) -> bool:
+    return any(isinstance(v, nnx.Variable) and not isinstance(v, nnx.RngState) for v in variables)
+
+
+def _iter_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
+    """(dotted name, layer) for every layer that holds tensors; one error for unsupported ones."""
+    layers, unsupported = [], []
+    for name, node in named_layers(model, leaves_only=False):
+        if not isinstance(node, nnx.Module):
+            continue  # a plain function in an nnx.Sequential
+        own = [v for k, v in vars(node).items() if not k.startswith("_pytree__")]
+        if isinstance(node, nnx.Conv) and node.kernel[...].ndim != 4:
+            unsupported.append(f"{name} (nnx.Conv with {node.kernel[...].ndim - 2} spatial dimension(s))")
+        elif isinstance(node, (nnx.Conv, nnx.Linear, BatchNorm2d)):
+            layers.append((name, node))
+        elif _has_state(own):
+            unsupported.append(f"{name} ({type(node).__module__}.{type(node).__qualname__})")
+    if unsupported:
+        raise ConversionError(
+            f"{type(model).__name__} has layers with no conversion rule: " + ", ".join(unsupported)
+            + ". Supported: " + SUPPORTED_LAYERS + "."
+        )
+    return iter(layers)
+
+
+def _flatten_spec(model: nnx.Module, linears: list[str], nchw_flatten: FlattenSpec | None) -> dict:
+    spec = dict(getattr(model, "nchw_flatten", {}) or {}) if nchw_flatten is None else dict(nchw_flatten)
+    wrong = [name for name in spec if name not in linears]
+    if wrong:
+        raise ConversionError(
+            f"nchw_flatten names {', '.join(map(repr, wrong))}, which "
+            + ("is not a Linear layer" if len(wrong) == 1 else "are not Linear layers")
+            + f" of {type(model).__name__}; its Linear layers: {', '.join(linears) or 'none'}"
+        )
+    for name, chw in spec.items():
+        if len(tuple(chw)) != 3:
+            raise ConversionError(f"nchw_flatten[{name!r}] must be (C, H, W), got {chw!r}")
+    return {name: tuple(int(d) for d in chw) for name, chw in spec.items()}
+
+
+def _rules_for(name: str, layer: nnx.Module, flatten: Mapping[str, tuple[int, int, int]]) -> list[Rule]:
     if isinstance(layer, nnx.Conv):
         return _conv_kernel_rules()
     if isinstance(layer, nnx.Linear):
-        flatten = getattr(model, "nchw_flatten", {}) or {}
-        return _linear_rules(tuple(flatten[name]) if name in flatten else None)
+        return _linear_rules(flatten.get(name))
     if isinstance(layer, BatchNorm2d):
         return _batchnorm_rules()
     raise ConversionError(f"no conversion rule for layer {name!r} of type {type(layer).__name__}")
 
 
-def _plan(model: nnx.Module) -> Iterator[tuple[str, nnx.Module, Rule]]:
+def _plan(model: nnx.Module, nchw_flatten: FlattenSpec | None = None) -> Iterator[tuple[str, nnx.Module, Rule]]:
     """(torch key, Flax layer, rule) for every tensor of the model's torch state_dict."""
-    for name, layer in _iter_layers(model):
-        for rule in _rules_for(model, name, layer):
+    layers = list(_iter_layers(model))
+    flatten = _flatten_spec(model, [n for n, layer in layers if isinstance(layer, nnx.Linear)], nchw_flatten)
+    for name, layer in layers:
+        for rule in _rules_for(name, layer, flatten):
             if getattr(layer, rule.flax_name, None) is None:
                 continue  # e.g. a Conv built with use_bias=False
             yield f"{name}.{rule.torch_name}", layer, rule
@@ -128,33 +231,44 @@ def _to_numpy(value) -> Array:
     return np.asarray(value)
 
 
-def to_numpy_state_dict(model: nnx.Module) -> OrderedDict[str, Array]:
-    """The model's state in PyTorch's keys, shapes and layouts, as numpy arrays (no torch needed)."""
+def to_numpy_state_dict(model: nnx.Module, *, nchw_flatten: FlattenSpec | None = None
+                        ) -> OrderedDict[str, Array]:
+    """The model's state in PyTorch's keys, shapes and layouts, as numpy arrays (no torch needed).
+
+    ``nchw_flatten``: ``{torch name of a Linear: (C, H, W)}``, replacing the model's own
+    ``nchw_flatten`` attribute (see the module docstring).
+    """
     out: OrderedDict[str, Array] = OrderedDict()
-    for key, layer, rule in _plan(model):
+    for key, layer, rule in _plan(model, nchw_flatten):
         out[key] = np.array(rule.to_torch(np.asarray(getattr(layer, rule.flax_name)[...])), order="C")
     return out
 
 
-def to_torch_state_dict(model: nnx.Module) -> OrderedDict:
+def to_torch_state_dict(model: nnx.Module, *, nchw_flatten: FlattenSpec | None = None) -> OrderedDict:
     """A ``torch.save``-able state_dict that the PyTorch reference loads with ``strict=True``."""
     import torch
 
-    return OrderedDict((k, torch.from_numpy(v.copy())) for k, v in to_numpy_state_dict(model).items())
+    return OrderedDict((k, torch.from_numpy(v.copy()))
+                       for k, v in to_numpy_state_dict(model, nchw_flatten=nchw_flatten).items())
 
 
-def expected_torch_shapes(model: nnx.Module) -> OrderedDict[str, tuple[int, ...]]:
-    return OrderedDict((k, v.shape) for k, v in to_numpy_state_dict(model).items())
+def expected_torch_shapes(model: nnx.Module, *, nchw_flatten: FlattenSpec | None = None
+                          ) -> OrderedDict[str, tuple[int, ...]]:
+    """PyTorch key -> shape of every tensor the model's state_dict holds."""
+    return OrderedDict((k, v.shape) for k, v in to_numpy_state_dict(model, nchw_flatten=nchw_flatten).items())
 
 
-def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object]) -> nnx.Module:
+def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *,
+                          nchw_flatten: FlattenSpec | None = None) -> nnx.Module:
     """Copy a PyTorch state_dict into ``model`` (in place) and return it.
 
     Strict: raises one ConversionError listing every missing, unexpected and mis-shaped key
     (with the checkpoint's shape and the expected one); nothing is written unless all keys fit.
+    ``nchw_flatten``: ``{torch name of a Linear: (C, H, W)}`` whose rows to permute, replacing
+    the model's own ``nchw_flatten`` attribute (see the module docstring).
     """
-    plan = list(_plan(model))
-    expected = expected_torch_shapes(model)
+    plan = list(_plan(model, nchw_flatten))
+    expected = expected_torch_shapes(model, nchw_flatten=nchw_flatten)
     given = {k: _to_numpy(v) for k, v in state_dict.items()}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]

@@ -1,0 +1,1 @@
+"""Worked porting examples: PyTorch networks and their Flax NNX ports (see docs/porting.md)."""

@@ -3,8 +3,11 @@
 ``create_state`` + ``sgd`` + ``make_train_step`` + ``EpochRunner(train_step, path)`` +
 ``Evaluator``: whatever those do by default is what gets benchmarked. Paths are the engine's
 ``--path`` values (see :mod:`flaxcnn.train.steps`): ``step`` (one jitted call per batch) and
-``scan`` (the epoch in one ``lax.scan``). This module never imports torch, so the process
-running it has its own peak RSS.
+``scan`` (the epoch in one ``lax.scan``), each with the CPU implementations dispatch measured
+fastest (``--conv-impl auto``, the default); ``step-xla`` and ``step-kernels`` are the ``step``
+path with ``--conv-impl xla`` (XLA's formulations only: flaxcnn as plain JAX) and ``kernels``
+(the C++ kernels wherever they apply). This module never imports torch, so the process running
+it has its own peak RSS.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import numpy as np
 
 from benchmarks.data import BenchData
 from benchmarks.timing import EVAL_BATCH
-from flaxcnn import kernels
 from flaxcnn.convert import load_torch_state_dict
 from flaxcnn.data.batching import epoch_permutation
 from flaxcnn.errors import ConfigError
+from flaxcnn.models import dispatch
 from flaxcnn.models.registry import ModelSpec
 from flaxcnn.train.optim import sgd
 from flaxcnn.train.state import create_state
 from flaxcnn.train.steps import EpochRunner, Evaluator, default_path, make_train_step
 
-PATHS = ("step", "scan")
+#: benchmark path -> (the engine's --path, the --conv-impl setting)
+PATHS = {"step": ("step", "auto"), "scan": ("scan", "auto"), "step-xla": ("step", "xla"),
+         "step-kernels": ("step", "kernels")}
 
 
 def setup_jax(device: str) -> None:
@@ -47,7 +52,7 @@ def jax_info() -> dict[str, Any]:
     return {"jax": jax.__version__, "flax": flax.__version__, "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()], "flaxcnn_default_path": default_path(),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "flaxcnn_cpu_conv_kernels": jax.default_backend() == "cpu" and kernels.available(),
+            "flaxcnn_cpu_dispatch": dispatch.summary(),
             "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision)}
 
 
@@ -71,10 +76,13 @@ class FlaxTrainer:
         if path not in PATHS:
             raise ConfigError(f"unknown flaxcnn path {path!r}; accepted: {', '.join(PATHS)}")
         self.path, self.batch_size, self.seed = path, batch_size, seed
+        engine_path, conv_impl = PATHS[path]
+        dispatch.set_mode(conv_impl)  # in force while this trainer's steps are traced (its row)
+        dispatch.reset_used()
         model, self.init = init_weights(spec, seed, init_dir)
         tx = sgd(lr, momentum)
         graphs, self.state = create_state(model, tx)
-        self.runner = EpochRunner(make_train_step(graphs, spec.loss, tx), path)
+        self.runner = EpochRunner(make_train_step(graphs, spec.loss, tx), engine_path)
         self.evaluator = Evaluator(graphs, spec.loss, EVAL_BATCH)
         self.x, self.y = jnp.asarray(data.x), jnp.asarray(data.y, jnp.int32)
 
@@ -82,6 +90,10 @@ class FlaxTrainer:
         order = epoch_permutation(self.seed, epoch, len(self.y))
         self.state = self.runner.run(self.state, self.x, self.y, order, self.batch_size)
         return float(np.asarray(self.state.metrics)[0])  # blocks until the epoch is done
+
+    def dispatch_record(self) -> dict[str, Any]:
+        """The CPU implementation setting and every layer's choices while this row ran."""
+        return dispatch.summary()
 
     def evaluate(self, x, y) -> dict[str, float]:
         return self.evaluator(self.state, x, y)

@@ -54,16 +54,27 @@ def code_version() -> dict[str, Any]:
             else None}
 
 
+def vector_isa() -> dict[str, Any]:
+    """The CPU's vector instruction sets and the flaxcnn kernel variants it runs (best first)."""
+    from flaxcnn import kernels
+
+    flags = kernels.cpu_flags()
+    return {"cpu_vector_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "asimd", "sve", "neon"))),
+            "kernel_isas_runnable": list(kernels.runnable_isas()),
+            "kernel_isa_env": os.environ.get("FLAXCNN_KERNEL_ISA", "")}
+
+
 def machine_info() -> dict[str, Any]:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
         "cpu_model": cpu_model(),
+        **vector_isa(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
         "memory_total_mb": memory_total_mb(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS",
-                                                  "JAX_PLATFORMS") if k in os.environ},
+                                                  "JAX_PLATFORMS", "FLAXCNN_KERNEL_ISA", "FLAXCNN_CONV_IMPL") if k in os.environ},
         **code_version(),
     }

@@ -54,7 +54,7 @@ def is_default_path(framework: str, path: str) -> bool:
         return False
     from flaxcnn.train.steps import default_path
 
-    return path == default_path()
+    return path == default_path()  # "step-xla"/"step-kernels" force a setting: never the default
 
 
 def measure_row(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int,
@@ -78,6 +78,8 @@ def measure_row(framework: str, spec: ModelSpec, path: str, data: BenchData, bat
         row.update(eval_cache[key])
         if hasattr(trainer, "init"):
             row["init"] = trainer.init
+        if hasattr(trainer, "dispatch_record"):
+            row["cpu_dispatch"] = trainer.dispatch_record()
     except Exception as error:  # one broken path must not lose the other rows' numbers
         traceback.print_exc()
         row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]

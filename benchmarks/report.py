@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PATH_ORDER = ("lab-loop", "torch-sliced", "torch-compile", "step", "scan")
+import math
+
+PATH_ORDER = ("lab-loop", "torch-sliced", "torch-compile", "step", "scan", "step-xla", "step-kernels")
 BASELINE = ("torch", "lab-loop")
 
 
@@ -23,7 +25,41 @@ def attach_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["ratio_vs_lab_loop"] = row["samples_per_second"] / lab["samples_per_second"] if ok else None
         row["eval_ratio_vs_lab_loop"] = (row["eval_samples_per_second"] / lab["eval_samples_per_second"]
                                          if ok else None)
+    best_torch: dict[tuple[str, int], float] = {}
+    for r in results:
+        if r["framework"] == "torch" and "error" not in r:
+            best_torch[_key(r)] = max(best_torch.get(_key(r), 0.0), r["samples_per_second"])
+    for row in results:
+        best = best_torch.get(_key(row))
+        row["ratio_vs_best_torch"] = (row["samples_per_second"] / best
+                                      if best and "error" not in row and row["framework"] == "flaxcnn" else None)
     return results
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """Per batch size: flaxcnn's default path against the best PyTorch path (each model and the
+    geometric mean), and against the forced implementation choices where they were run."""
+    rows = [r for r in report["results"] if "error" not in r]
+    lines = []
+    for batch in sorted({r["batch_size"] for r in rows}):
+        at = [r for r in rows if r["batch_size"] == batch]
+        default = {r["model"]: r for r in at if r.get("default_path") and r.get("ratio_vs_best_torch")}
+        if not default:
+            continue
+        ratios = [r["ratio_vs_best_torch"] for r in default.values()]
+        geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+        parts = []
+        for model, row in default.items():
+            forced = {r["path"]: r["samples_per_second"] for r in at if r["model"] == model
+                      and r["path"] in ("step-xla", "step-kernels")}
+            text = f"{model} {row['ratio_vs_best_torch']:.2f}x"
+            if forced:
+                text += f" ({row['samples_per_second'] / max(forced.values()):.2f}x the faster of " \
+                        + "/".join(sorted(forced)) + ")"
+            parts.append(text)
+        lines.append(f"- batch {batch}: flaxcnn default ({next(iter(default.values()))['path']}) vs the best "
+                     f"PyTorch path: {'; '.join(parts)}; geometric mean {geo:.2f}x")
+    return lines
 
 
 def sorted_rows(results: list[dict[str, Any]], models: list[str] | None = None) -> list[dict[str, Any]]:
@@ -62,24 +98,30 @@ def markdown(report: dict[str, Any]) -> str:
         + (f"after {m.get('loadavg_after')}" if report.get("complete", True)
            else f"at the last finished process {m.get('loadavg_latest')} (run incomplete)"),
         f"- torch {m.get('torch')} ({threads_note(m)}); jax {m.get('jax')} "
-        f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}, flaxcnn C++ CPU convolutions "
-        f"{'on' if m.get('flaxcnn_cpu_conv_kernels') else 'off'}); device {s['device']}",
+        f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}); device {s['device']}",
+        f"- CPU vector ISA: {', '.join(m.get('cpu_vector_flags') or []) or 'unknown'}; flaxcnn kernel variant "
+        f"{(m.get('flaxcnn_cpu_dispatch') or {}).get('kernel_isa', 'unknown')}"
+        + (f" (forced by FLAXCNN_KERNEL_ISA={m['kernel_isa_env']})" if m.get('kernel_isa_env') else "")
+        + "; each flaxcnn row's per-layer implementation choices are in the JSON (`cpu_dispatch`)",
         f"- {s['samples']} samples per epoch ({s['data']}); train samples/s: median of {s['epochs']} epochs "
         f"after 1 warm-up epoch; warm-up = {s['warmup_method']}; eval: forward only, eval mode, "
         f"batches of {s['eval_batch']}; peak RSS: ru_maxrss of the framework's process "
         f"({s['process_per']} per process) when the row finished",
         "",
-        "| model | batch | framework | path | train samples/s | vs lab loop | warm-up s | eval samples/s "
-        "| eval vs lab | peak RSS MB |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        *summary_lines(report),
+        "",
+        "| model | batch | framework | path | train samples/s | vs lab loop | vs best PyTorch | warm-up s "
+        "| eval samples/s | eval vs lab | peak RSS MB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sorted_rows(report["results"], s.get("models")):
         head = f"| {row['model']} | {row['batch_size']} | {row['framework']} | {_path_label(row)} |"
         if "error" in row:
-            lines.append(f"{head} failed: {row['error']} | | | | | {_fmt(row.get('peak_rss_mb'), ',.0f')} |")
+            lines.append(f"{head} failed: {row['error']} | | | | | | {_fmt(row.get('peak_rss_mb'), ',.0f')} |")
             continue
         lines.append(
             f"{head} {row['samples_per_second']:,.0f} | {_fmt(row['ratio_vs_lab_loop'], '.2f')}x | "
+            f"{_fmt(row.get('ratio_vs_best_torch'), '.2f')}{'x' if row.get('ratio_vs_best_torch') else ''} | "
             f"{row['warmup_seconds']:.2f} | {row['eval_samples_per_second']:,.0f} | "
             f"{_fmt(row['eval_ratio_vs_lab_loop'], '.2f')}x | {row['peak_rss_mb']:,.0f} |"
         )

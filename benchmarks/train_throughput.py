@@ -27,7 +27,9 @@ from flaxcnn.errors import ConfigError, FlaxcnnError
 from flaxcnn.models.registry import MODELS, get_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-OPTIONAL_PATHS = ("torch-sliced", "step", "scan")  # lab-loop always runs: it is the baseline
+# lab-loop always runs: it is the baseline; "step" brings "step-xla" (flaxcnn on XLA alone) with it
+OPTIONAL_PATHS = ("torch-sliced", "step", "scan", "step-xla", "step-kernels")
+DEFAULT_PATHS = ("torch-sliced", "step", "scan")
 PROCESS_PER = ("framework", "model", "row")
 
 
@@ -44,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (torch-sliced loop)")
-    p.add_argument("--paths", nargs="+", default=list(OPTIONAL_PATHS),
-                   help=f"paths besides the lab loop (default: {' '.join(OPTIONAL_PATHS)})")
+    p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS),
+                   help=f"paths besides the lab loop, of {', '.join(OPTIONAL_PATHS)} (default: "
+                        f"{' '.join(DEFAULT_PATHS)}; step brings step-xla, flaxcnn on XLA alone, with it)")
     p.add_argument("--data-dir", default=None, help="real CIFAR-2 (cifar-10-batches-py) for the CIFAR models")
     p.add_argument("--speech-dir", default=None, help="real speech features (melspec_feats.npy) for speech models")
     p.add_argument("--process-per", choices=PROCESS_PER, default="model",
@@ -75,6 +78,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"unknown --paths {', '.join(bad)}; accepted: {', '.join(OPTIONAL_PATHS)} "
                           "(lab-loop always runs; torch-compile via --torch-compile)")
+    if "step" in paths and "step-xla" not in paths and args.device == "cpu":
+        paths.append("step-xla")  # the XLA-only row beside the default, always
     if not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError(f"--batch-sizes must be integers >= 1, got {batch_sizes}")
     if args.torch_threads is not None and args.torch_threads < 1:
@@ -95,7 +100,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def framework_of(path: str) -> str:
-    return "flaxcnn" if path in ("step", "scan") else "torch"
+    return "flaxcnn" if path in ("step", "scan", "step-xla", "step-kernels") else "torch"
 
 
 def plan_jobs(settings: dict[str, Any], init_dir: str) -> list[dict[str, Any]]:

@@ -56,6 +56,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=None,
                    help="keep the training order fixed (the speech lab's DataLoader does not shuffle)")
     p.add_argument("--path", choices=["auto", "step", "scan"], help="training loop path (default: by backend)")
+    p.add_argument("--conv-impl", choices=["auto", "kernels", "xla"],
+                   help="CPU convolutions and pools: auto (the fastest measured on this machine, default), "
+                        "kernels (flaxcnn's C++ kernels wherever they apply), xla (XLA's formulations only)")
     p.add_argument("--checkpoint-every", type=int, help="save the latest checkpoint every N epochs (default 1)")
     p.add_argument("--devices", type=int, help="data parallel over this many local devices per process; the "
                    "global batch is split over them (default: all local devices)")
@@ -81,7 +84,7 @@ def _add_process_options(p: argparse.ArgumentParser) -> None:
 _FIELDS = {"model": "model", "dataset": "dataset", "classes": "classes", "data_dir": "data_dir", "split": "split",
            "val_fraction": "val_fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
            "schedule": "schedule", "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "seed": "seed", "init": "init",
-           "shuffle": "shuffle", "path": "path", "checkpoint_every": "checkpoint_every", "devices": "devices",
+           "shuffle": "shuffle", "path": "path", "conv_impl": "conv_impl", "checkpoint_every": "checkpoint_every", "devices": "devices",
            "time_shift": "time_shift", "time_masks": "time_masks", "time_mask_width": "time_mask_width",
            "freq_masks": "freq_masks", "freq_mask_width": "freq_mask_width", "gain_db": "gain_db", "mixup": "mixup"}
 
@@ -148,7 +151,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     run_cv(config, args.out or f"runs/cv-{config.model}-{config.dataset}", folds=args.folds,
-           seeds=args.seeds, quiet=args.quiet, final=args.final)
+           seeds=args.seeds, quiet=args.quiet, final=args.final, only_folds=args.only_folds)
     return 0
 
 
@@ -226,7 +229,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from parity.__main__ import main as parity_main
 
     return parity_main(([] if args.json is None else ["--json", args.json]) + (["--models", *args.models]
-                                                                                  if args.models else []))
+                                                                                  if args.models else [])
+                       + (["--layers"] if args.layers else []))
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -281,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_number_list(int, "--seeds"), help="e.g. 0,1,2 (default: --seed)")
     p.add_argument("--out", help="cv directory: seed<S>/fold<K>/ runs, cv.json, cv.md "
                                  "(default runs/cv-MODEL-DATASET); finished runs in it are reused")
+    p.add_argument("--only-folds", type=_number_list(int, "--only-folds"),
+                   help="train only these folds (1-based, e.g. 2,3) to spread a protocol over processes")
     p.add_argument("--final", action="store_true",
                    help="then train the final model on every example into OUT/final (seed: the first seed)")
     p.add_argument("--quiet", action="store_true")
@@ -320,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="prove every model equal to its PyTorch reference")
     p.add_argument("--json")
     p.add_argument("--models", nargs="+")
+    p.add_argument("--layers", action="store_true",
+                   help="layer-by-layer report naming the first layer that diverges")
     p.set_defaults(func=cmd_parity)
 
     sub.add_parser("presets", help="list the named lab runs").set_defaults(func=cmd_presets)

@@ -21,7 +21,8 @@ from benchmarks.report import attach_ratios, markdown
 ROW_KEYS = {"framework", "path", "model", "batch_size", "samples_per_second", "warmup_seconds", "peak_rss_mb",
             "ratio_vs_lab_loop", "eval_samples_per_second", "default_path"}
 MACHINE_KEYS = {"cpu_model", "cpu_count", "torch", "torch_num_threads", "jax", "jax_backend", "XLA_FLAGS",
-                "loadavg_before", "loadavg_after"}
+                "loadavg_before", "loadavg_after", "cpu_vector_flags", "kernel_isas_runnable", "flaxcnn_cpu_dispatch"}
+FLAX_PATHS = ("step", "scan", "step-xla")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def test_json_has_the_required_layout(tiny_run):
     assert MACHINE_KEYS <= set(report["machine"])
     assert report["complete"] is True
     rows = {(r["framework"], r["path"]): r for r in report["results"]}
-    assert set(rows) == {("torch", "lab-loop"), ("torch", "torch-sliced"), ("flaxcnn", "step"), ("flaxcnn", "scan")}
+    # "step" brings the XLA-only row ("step-xla") with it
+    assert set(rows) == {("torch", "lab-loop"), ("torch", "torch-sliced"), *(("flaxcnn", p) for p in FLAX_PATHS)}
     for row in rows.values():
         assert "error" not in row, row.get("error")
         assert ROW_KEYS <= set(row)
@@ -48,6 +50,11 @@ def test_json_has_the_required_layout(tiny_run):
         assert len(row["epoch_seconds"]) == 2
         assert row["ratio_vs_lab_loop"] == pytest.approx(row["samples_per_second"]
                                                          / rows["torch", "lab-loop"]["samples_per_second"])
+        if row["framework"] == "flaxcnn":  # the implementation setting and every layer's choice
+            best_torch = max(rows[k]["samples_per_second"] for k in rows if k[0] == "torch")
+            assert row["ratio_vs_best_torch"] == pytest.approx(row["samples_per_second"] / best_torch)
+            assert row["cpu_dispatch"]["conv_impl"] == {"step-xla": "xla"}.get(row["path"], "auto")
+            assert row["cpu_dispatch"]["layers"], row["cpu_dispatch"]
     assert rows["torch", "lab-loop"]["ratio_vs_lab_loop"] == 1.0
     defaults = [path for (fw, path), r in rows.items() if r["default_path"]]
     assert defaults == [report["machine"]["flaxcnn_default_path"]]
@@ -58,7 +65,7 @@ def test_same_init_and_batches_give_the_same_losses(tiny_run):
     losses of every epoch must agree, or the comparison is not like for like."""
     rows = {(r["framework"], r["path"]): r for r in tiny_run[0]["results"]}
     reference = rows["torch", "torch-sliced"]["train_loss_sum_per_epoch"]
-    for path in ("step", "scan"):
+    for path in FLAX_PATHS:
         np.testing.assert_allclose(rows["flaxcnn", path]["train_loss_sum_per_epoch"], reference, rtol=1e-4)
     assert rows["flaxcnn", "step"]["init"] == "the PyTorch process's init"
 
@@ -67,8 +74,10 @@ def test_markdown_and_png_are_written(tiny_run):
     report, out = tiny_run
     table = (out / "train_throughput.md").read_text()
     assert table == markdown(report)
-    assert sum(line.startswith("| net | 64 |") for line in table.splitlines()) == 4
+    assert sum(line.startswith("| net | 64 |") for line in table.splitlines()) == 5
     assert "step (default)" in table or "scan (default)" in table
+    assert "vs the best PyTorch path: net " in table and "geometric mean" in table
+    assert report["machine"]["cpu_model"] in table
     assert (out / "train_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -96,13 +105,13 @@ def test_ratios_use_the_lab_loop_of_the_same_model_and_batch():
         "device": "cpu", "samples": 1, "data": "d", "epochs": 3, "warmup_method": "w", "eval_batch": 1000,
         "process_per": "model", "models": ["net", "convnet"]}})
     assert "failed: RuntimeError: no compiler" in table
-    assert "| convnet | 64 | flaxcnn | scan | 10 | —x |" in table
+    assert "| convnet | 64 | flaxcnn | scan | 10 | —x | — |" in table
 
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--models", "no-such-net"], "choose one of"),
     (["--batch-sizes", "sixty"], "--batch-sizes takes integers"),
-    (["--paths", "warp"], "accepted: torch-sliced, step, scan"),
+    (["--paths", "warp"], "accepted: torch-sliced, step, scan, step-xla, step-kernels"),
     (["--epochs", "0"], "--epochs and --samples must be >= 1"),
 ])
 def test_bad_options_are_reported(argv, fragment, capsys, tmp_path):
@@ -112,8 +121,8 @@ def test_bad_options_are_reported(argv, fragment, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("per, expected", [
-    ("framework", [("torch", ["lab-loop", "lab-loop"]), ("flaxcnn", ["step", "step"])]),
-    ("model", [("torch", ["lab-loop"]), ("flaxcnn", ["step"])] * 2),
+    ("framework", [("torch", ["lab-loop", "lab-loop"]), ("flaxcnn", ["step", "step-xla", "step", "step-xla"])]),
+    ("model", [("torch", ["lab-loop"]), ("flaxcnn", ["step", "step-xla"])] * 2),
 ])
 def test_each_framework_runs_in_its_own_processes_torch_first(per, expected):
     settings = train_throughput.settings_from(train_throughput.parse_args(

@@ -23,6 +23,7 @@ import pytest
 from jax import export
 
 from flaxcnn import kernels
+from flaxcnn.models import dispatch
 from flaxcnn.data.arrays import Dataset, SplitArrays
 from flaxcnn.models.registry import MODELS, get_model
 from flaxcnn.train import sweep
@@ -35,7 +36,17 @@ BATCH, SCAN_STEPS = 4, 2
 CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w.]+)")
 #: the kernels are flaxcnn's own custom calls; jax.export refuses custom calls without a
 #: compatibility guarantee unless told, and the test wants the text to say what is in it
-ALLOW_KERNELS = [export.DisabledSafetyCheck.custom_call(target) for target in kernels.TARGETS]
+ALLOW_KERNELS = [export.DisabledSafetyCheck.custom_call(f"{target}_{isa}") for target in kernels.TARGETS
+                 for isa in kernels.ISAS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_wherever_they_apply():
+    """``--conv-impl kernels``: on CPU every layer with a C++ kernel takes it (no timing decides),
+    so the cpu export must contain them and the cuda export must still have none."""
+    dispatch.set_mode("kernels")
+    yield
+    dispatch.set_mode(None)
 
 
 @functools.cache
@@ -76,7 +87,8 @@ def exported_text(model: str, platform: str) -> dict[str, str]:
 
 
 def flaxcnn_targets(text: str) -> set[str]:
-    return {t for t in CUSTOM_CALL.findall(text) if t.startswith("flaxcnn_")}
+    """flaxcnn's custom-call targets in ``text``, without their ISA suffix (``_avx512``, ...)."""
+    return {t.rsplit("_", 1)[0] for t in CUSTOM_CALL.findall(text) if t.startswith("flaxcnn_")}
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -1,7 +1,7 @@
-"""The C++ CPU convolution kernels (flaxcnn/kernels) against PyTorch in float64, and their build."""
+"""The C++ CPU kernels (flaxcnn/kernels), every ISA variant this CPU runs, against PyTorch in
+float64; their build, variants and switches."""
 
-import sys
-from pathlib import Path
+import platform
 from unittest import mock
 
 import jax
@@ -9,13 +9,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax import lax
 
 from flaxcnn import kernels
-from flaxcnn.models import ops
+from flaxcnn.models import dispatch, ops
 
-needs_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.available(),
-                                   reason="the C++ kernels run on the CPU backend and need a C++ compiler")
+
+def _runnable_variants():
+    return [isa for isa in kernels.runnable_isas() if kernels.enabled() and kernels.available(isa)]
+
+
+VARIANTS = _runnable_variants() if jax.default_backend() == "cpu" else []
+needs_kernels = pytest.mark.skipif(not VARIANTS, reason="the C++ kernels run on the CPU backend and need a C++ compiler")
+
+
+@pytest.fixture(params=VARIANTS or [None])
+def isa(request):
+    """Each kernel test runs on every variant this CPU can run (avx512, avx2, generic)."""
+    if request.param is None:
+        pytest.skip("the C++ kernels run on the CPU backend and need a C++ compiler")
+    return request.param
+
+
+def _layer(n, hw, c, o, k, padding, isa):
+    return dispatch.ConvLayer(n, hw[0], hw[1], (k, k, c, o), padding, None, isa)
 
 
 def _torch_conv(x, w, padding, grad_out):
@@ -29,198 +45,184 @@ def _torch_conv(x, w, padding, grad_out):
             tw.grad.numpy().transpose(2, 3, 1, 0))
 
 
-def _check_against_torch(n, hw, c, o, k, padding):
+def _check_against_torch(n, hw, c, o, k, padding, isa):
     rng = np.random.default_rng(c * 100 + o)
     x = rng.standard_normal((n, *hw, c)).astype(np.float32)
     w = (rng.standard_normal((k, k, c, o)) / (k * np.sqrt(c))).astype(np.float32)
-    (t, b), (l, r) = padding
-    out_hw = (hw[0] + t + b - k + 1, hw[1] + l + r - k + 1)
-    grad_out = rng.standard_normal((n, *out_hw, o)).astype(np.float32)
+    layer = _layer(n, hw, c, o, k, padding, isa)
+    grad_out = rng.standard_normal((n, *layer.out_hw, o)).astype(np.float32)
     ref, ref_dx, ref_dw = _torch_conv(x, w, padding, grad_out)
-    out, vjp = jax.vjp(lambda a, b_: kernels.conv2d(a, b_, padding), jnp.asarray(x), jnp.asarray(w))
-    dx, dw = vjp(jnp.asarray(grad_out))
-    assert out.shape == ref.shape and dx.shape == x.shape and dw.shape == w.shape
     scale = lambda a: np.abs(a).max()
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * scale(ref))
-    np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=0, atol=2e-6 * scale(ref_dx))
-    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=0, atol=2e-6 * scale(ref_dw))
+    supported = kernels.supports_conv(c, o, jnp.float32)
+    if supported["forward"]:
+        out = ops.forward_cpp(jnp.asarray(x), jnp.asarray(w), layer)
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * scale(ref))
+    if supported["kernel_grad"]:
+        dw = ops.kernel_grad_cpp(jnp.asarray(x), jnp.asarray(grad_out), layer)
+        assert dw.shape == w.shape
+        np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=0, atol=2e-6 * scale(ref_dw))
+    if supported["input_grad"]:
+        dx = ops.input_grad_cpp(jnp.asarray(grad_out), jnp.asarray(w), layer)
+        assert dx.shape == x.shape
+        np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=0, atol=2e-6 * scale(ref_dx))
+    return supported
 
 
 # every lab layer (Net, NetWidth, NetDepth/NetDropout/NetBatchNorm, ConvNet, SpeechNet), then edges:
-# register blocks that do not divide the width, channel counts that fill part of a vector (10)
-# or have no kernel (5, 7, 33: XLA's convolution takes over), padding larger than the kernel's
-# reach, asymmetric padding, and a 1-wide map
+# register blocks that do not divide the width, channel counts that fill part of a vector (10),
+# channel counts cut into several register blocks (48, 64 on AVX2 and SSE/NEON), padding larger
+# than the kernel's reach, asymmetric padding, and a 1-wide map
 LAYERS = [(4, (32, 32), 3, 16, 3, 1), (4, (16, 16), 16, 8, 3, 1), (2, (32, 32), 3, 32, 3, 1),
           (2, (16, 16), 32, 64, 3, 1), (2, (16, 16), 32, 32, 3, 1), (2, (8, 8), 32, 32, 3, 1),
           (3, (99, 26), 1, 10, 10, 0), (2, (99, 26), 1, 8, 3, 1), (2, (49, 13), 8, 16, 3, 1),
           (2, (24, 6), 16, 32, 3, 1), (2, (12, 3), 32, 64, 3, 1)]
-EDGES = [(2, (8, 8), 5, 7, 3, ((2, 2), (2, 2))), (2, (9, 7), 12, 33, 2, ((0, 0), (0, 0))),
+EDGES = [(2, (8, 8), 8, 10, 3, ((2, 2), (2, 2))), (2, (9, 7), 24, 48, 2, ((0, 0), (0, 0))),
          (1, (7, 19), 10, 10, 3, ((0, 1), (2, 0))), (3, (5, 1), 16, 24, 3, ((1, 1), (1, 1))),
-         (2, (6, 21), 48, 8, 5, ((2, 2), (2, 2)))]
+         (2, (6, 21), 48, 8, 5, ((2, 2), (2, 2))), (2, (5, 33), 64, 48, 3, ((1, 1), (1, 1)))]
 
 
-@needs_kernels
 @pytest.mark.parametrize("n, hw, c, o, k, pad", LAYERS)
-def test_lab_layers_equal_torch(n, hw, c, o, k, pad):
-    _check_against_torch(n, hw, c, o, k, ((pad, pad), (pad, pad)))
+def test_lab_layers_equal_torch(n, hw, c, o, k, pad, isa):
+    supported = _check_against_torch(n, hw, c, o, k, ((pad, pad), (pad, pad)), isa)
+    assert supported["forward"] and supported["kernel_grad"]
 
 
-@needs_kernels
 @pytest.mark.parametrize("n, hw, c, o, k, padding", EDGES)
-def test_edge_shapes_equal_torch(n, hw, c, o, k, padding):
-    _check_against_torch(n, hw, c, o, k, padding)
+def test_edge_shapes_equal_torch(n, hw, c, o, k, padding, isa):
+    _check_against_torch(n, hw, c, o, k, padding, isa)
 
 
-@needs_kernels
-def test_kernels_split_work_between_threads_without_changing_the_result():
+def test_the_kernel_parts_run_where_their_channel_count_has_a_kernel():
+    assert kernels.supports_conv(3, 16, jnp.float32) == {"forward": True, "kernel_grad": True, "input_grad": False}
+    assert kernels.supports_conv(16, 7, jnp.float32) == {"forward": False, "kernel_grad": False, "input_grad": True}
+    assert not any(kernels.supports_conv(16, 16, jnp.bfloat16).values())
+
+
+def test_kernels_split_work_between_threads_without_changing_the_result(isa):
     # a batch large enough for several chunks per worker; the same sums in any split
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((37, 12, 12, 16)).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, 16, 16)).astype(np.float32))
-    pads = ((1, 1), (1, 1))
-    whole = kernels.conv2d(x, w, pads)
-    rows = jnp.concatenate([kernels.conv2d(x[i:i + 1], w, pads) for i in range(37)])
+    layer = _layer(37, (12, 12), 16, 16, 3, ((1, 1), (1, 1)), isa)
+    whole = ops.forward_cpp(x, w, layer)
+    rows = jnp.concatenate([ops.forward_cpp(x[i:i + 1], w, layer) for i in range(37)])
     np.testing.assert_array_equal(np.asarray(whole), np.asarray(rows))
 
 
-@needs_kernels
-def test_kernels_run_under_vmap():
-    rng = np.random.default_rng(6)
-    x = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 8)).astype(np.float32))
-    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 16)).astype(np.float32))
-    pads = ((1, 1), (1, 1))
-    batched = jax.vmap(lambda a, b: kernels.conv2d(a, b, pads))(x, w)
-    one_by_one = jnp.stack([kernels.conv2d(x[i], w[i], pads) for i in range(3)])
-    np.testing.assert_array_equal(np.asarray(batched), np.asarray(one_by_one))
-
-
-@needs_kernels
-def test_cpu_convolutions_with_a_kernel_take_it():
-    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
-    with mock.patch.object(kernels, "conv2d", wraps=kernels.conv2d) as ffi:
-        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-        ops.conv_general_dilated(x, w[..., :5], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 5: none
-        ops.conv_general_dilated(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)),
-                                 dimension_numbers=dn)  # float32 only
-    assert ffi.call_count == 1
-
-
-def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(RuntimeError, match="no-such-compiler"):
-        kernels.build(tmp_path / "lib.so")
-    assert not (tmp_path / "lib.so").exists()
-
-
-def test_without_the_kernels_flaxcnn_warns_and_uses_xla(tmp_path, monkeypatch):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    kernels.available.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="using XLA's convolutions"):
-            assert kernels.available() is False
-        x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
-        dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
-        out = ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-        ref = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
-    finally:
-        kernels.available.cache_clear()
-
-
-def test_the_switch_turns_the_kernels_off(monkeypatch):
-    monkeypatch.setenv("FLAXCNN_FFI_CONV", "0")
-    kernels.available.cache_clear()
-    try:
-        assert kernels.available() is False
-    finally:
-        kernels.available.cache_clear()
-
-
-def test_the_library_is_keyed_by_source_flags_and_jax_version(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    path = kernels.library_path()
-    assert path.parent == tmp_path and path.suffix == ".so"
-    with mock.patch.object(kernels, "CXXFLAGS", (*kernels.CXXFLAGS, "-DOTHER")):
-        assert kernels.library_path() != path
-
-
-@needs_kernels
-def test_the_kernel_gradient_has_the_same_bits_on_every_run():
+def test_the_kernel_gradient_has_the_same_bits_on_every_run(isa):
     # threads share its batch; a fixed split into sample groups keeps the sum's order fixed
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((64, 16, 16, 16)).astype(np.float32))
     g = jnp.asarray(rng.standard_normal((64, 16, 16, 32)).astype(np.float32))
-    grad = jax.jit(lambda a, b: jax.vjp(lambda w: kernels.conv2d(a, w, ((1, 1), (1, 1))),
-                                        jnp.zeros((3, 3, 16, 32)))[1](b)[0])
+    layer = _layer(64, (16, 16), 16, 32, 3, ((1, 1), (1, 1)), isa)
+    grad = jax.jit(lambda a, b: ops.kernel_grad_cpp(a, b, layer))
     first = np.asarray(grad(x, g))
     for _ in range(10):
         np.testing.assert_array_equal(np.asarray(grad(x, g)), first)
 
 
-def test_switched_off_inside_the_block_only():
-    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
-    with kernels.switched_off():
-        assert not kernels.supports(x, w)
-    assert kernels.supports(x, w) == (jax.default_backend() == "cpu" and kernels.available())
+def test_kernels_work_under_vmap(isa):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 16)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 8)).astype(np.float32))
+    layer = _layer(2, (8, 8), 16, 8, 3, ((1, 1), (1, 1)), isa)
+    batched = jax.vmap(lambda a, b: ops.forward_cpp(a, b, layer))(x, w)
+    one_by_one = jnp.stack([ops.forward_cpp(x[i], w[i], layer) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(batched), np.asarray(one_by_one))
 
 
-@needs_kernels
-def test_the_sharded_step_is_traced_with_xla_convolutions():
-    # XLA's partitioner cannot split a custom call: over a mesh it would gather the whole batch
-    from jax.sharding import Mesh
-
-    from flaxcnn.train.distributed import DATA_AXIS, Placement, ShardedEpochRunner
-    seen = []
-
-    def step(state, x, y):
-        seen.append(kernels.supports(x, jnp.ones((3, 3, 3, 16))))
-        return state
-
-    placement = Placement(Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,)))
-    runner = ShardedEpochRunner(step, "step", placement)
-    x = jnp.ones((4, 8, 8, 3))
-    runner.step_fn(jnp.zeros(()), x, jnp.zeros((4,), jnp.int32), np.arange(2, dtype=np.int32))
-    assert seen == [False]
-    assert kernels.supports(x, jnp.ones((3, 3, 3, 16)))  # outside the sharded step: on again
+def test_an_empty_batch_gives_an_empty_output_and_a_zero_kernel_gradient(isa):
+    layer = _layer(0, (8, 8), 16, 8, 3, ((1, 1), (1, 1)), isa)
+    out = ops.forward_cpp(jnp.ones((0, 8, 8, 16)), jnp.ones((3, 3, 16, 8)), layer)
+    assert out.shape == (0, 8, 8, 8)
+    dw = ops.kernel_grad_cpp(jnp.ones((0, 8, 8, 16)), out, layer)
+    np.testing.assert_array_equal(np.asarray(dw), np.zeros((3, 3, 16, 8), np.float32))
 
 
-@needs_kernels
-def test_max_pool_follows_torch_on_nans():
+def test_max_pool_follows_torch_on_nans(isa):
     # PyTorch's CPU max-pool takes a NaN as the window's maximum (the last NaN of the window)
     x = np.arange(2 * 6 * 6 * 3, dtype=np.float32).reshape(2, 6, 6, 3) % 7
     x[0, 0, 1, 0] = x[0, 1, 0, 0] = np.nan
     x[1, 4, 4, 2] = np.nan
     g = np.random.default_rng(8).standard_normal((2, 3, 3, 3)).astype(np.float32)
-    y, vjp = jax.vjp(lambda a: kernels.max_pool(a, 2), jnp.asarray(x))
+    y, first = kernels.max_pool_forward(jnp.asarray(x), 2, isa)
+    dx = kernels.max_pool_backward(first, jnp.asarray(g), 2, x.shape, isa)
     t = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     out = torch.nn.functional.max_pool2d(t, 2)
     (out * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
     np.testing.assert_array_equal(np.asarray(y), out.detach().numpy().transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), t.grad.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(dx), t.grad.numpy().transpose(0, 2, 3, 1))
 
 
-@needs_kernels
-def test_pools_go_to_the_cpp_kernel_when_large_or_cropped():
-    with mock.patch.object(kernels, "max_pool", wraps=kernels.max_pool) as cpp:
-        ops.max_pool(jnp.ones((2, 8, 8, 3)), 2)  # 2x2, no crop: XLA's fused taps
-        ops.max_pool(jnp.ones((2, 9, 8, 3)), 2)  # cropped row
-        ops.max_pool(jnp.ones((2, 8, 8, 3)), 4)  # 4x4
-    assert cpp.call_count == 2
+def test_every_variant_builds_even_one_this_cpu_cannot_run(tmp_path):
+    # -march=skylake-avx512 / haswell compile on any x86 machine: the code of each variant stays
+    # compilable whatever CPU the tests run on (where it cannot run, it is not loaded)
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler")
+    wanted = [isa for isa in ("avx512", "avx2") if isa not in kernels.runnable_isas()]
+    if not wanted or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("this CPU runs every x86 variant (they are built and checked above), or it is not x86")
+    for isa in wanted:
+        kernels.build_only(isa, tmp_path / f"{isa}.so")
+        assert (tmp_path / f"{isa}.so").stat().st_size > 0
 
 
-def test_the_library_is_keyed_by_the_cpu(tmp_path, monkeypatch):
-    # -march=native: a build for one CPU must not be loaded on another from a shared cache
+def test_the_variant_can_be_forced_and_a_wrong_one_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FLAXCNN_KERNEL_ISA", "generic")
+    assert kernels.selected_isa() == "generic"
+    monkeypatch.setenv("FLAXCNN_KERNEL_ISA", "sse9")
+    with pytest.raises(kernels.KernelConfigError, match="accepted: auto, avx512, avx2, generic"):
+        kernels.selected_isa()
+    monkeypatch.setenv("FLAXCNN_KERNEL_ISA", "avx512")
+    with mock.patch.object(kernels, "cpu_flags", return_value=frozenset({"avx2", "fma"})):
+        with pytest.raises(kernels.KernelConfigError, match="cannot run that variant"):
+            kernels.selected_isa()
+    monkeypatch.delenv("FLAXCNN_KERNEL_ISA")
+    with mock.patch.object(kernels, "cpu_flags", return_value=frozenset({"avx2", "fma"})), \
+            mock.patch.object(kernels, "_x86", return_value=True):
+        assert kernels.runnable_isas() == ("avx2", "generic")  # an AVX2 EPYC
+        assert kernels.target_flags("avx512") == ("-march=skylake-avx512",)  # built, not run
+
+
+def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="no-such-compiler"):
+        kernels.build(tmp_path / "lib.so", "generic")
+    assert not (tmp_path / "lib.so").exists()
+
+
+def test_without_a_compiler_flaxcnn_warns_and_uses_xla(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    path = kernels.library_path()
+    kernels.load.cache_clear()
+    dispatch.clear_memory()
+    try:
+        with pytest.warns(RuntimeWarning, match="using XLA's convolutions"):
+            assert kernels.available() is False
+        x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
+        out = ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        ref = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
+        assert all(layer.get("forward") != "cpp" for layer in dispatch.used())
+    finally:
+        kernels.load.cache_clear()
+        dispatch.clear_memory()
+
+
+def test_the_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("FLAXCNN_FFI_CONV", "0")
+    assert kernels.available() is False
+    assert dispatch.mode() == "xla"
+
+
+def test_each_library_is_keyed_by_variant_source_flags_jax_version_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
+    path = kernels.library_path("generic")
+    assert path.parent == tmp_path and path.suffix == ".so" and "generic" in path.name
+    assert kernels.library_path("avx2") != path
+    with mock.patch.object(kernels, "CXXFLAGS", (*kernels.CXXFLAGS, "-DOTHER")):
+        assert kernels.library_path("generic") != path
     with mock.patch.object(kernels, "cpu_identity", return_value="another cpu"):
-        assert kernels.library_path() != path
-
-
-@needs_kernels
-def test_an_empty_batch_gives_an_empty_output_and_a_zero_kernel_gradient():
-    x, w = jnp.ones((0, 8, 8, 16)), jnp.ones((3, 3, 16, 8))
-    out, vjp = jax.vjp(lambda a: kernels.conv2d(x, a, ((1, 1), (1, 1))), w)
-    assert out.shape == (0, 8, 8, 8)
-    np.testing.assert_array_equal(np.asarray(vjp(out)[0]), np.zeros(w.shape, np.float32))
+        assert kernels.library_path("generic") != path

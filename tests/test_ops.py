@@ -10,8 +10,8 @@ import torch
 from jax import lax
 
 from flaxcnn import kernels
-from flaxcnn.models import ops
-from flaxcnn.models.ops import band_width, banded_conv, conv_with_row_kernel_grad, max_pool, split_batch
+from flaxcnn.models import dispatch, ops
+from flaxcnn.models.ops import band_width, banded_conv, kernel_grad_by_rows, max_pool, split_batch
 
 
 def _torch_pool_grad(x, k, weights):
@@ -21,22 +21,28 @@ def _torch_pool_grad(x, k, weights):
     return out.detach().numpy().transpose(0, 2, 3, 1), t.grad.numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.fixture(params=["xla", "cpp"])
+def _pool_names():
+    names = ["taps", "argmax"]
+    if jax.default_backend() == "cpu" and kernels.available():
+        names.append("cpp")
+    return names
+
+
+@pytest.fixture(params=_pool_names())
 def pool_impl(request):
-    """Each pool test runs on both implementations: XLA's taps/argmax and the C++ kernel."""
-    if request.param == "xla":
-        with mock.patch.object(kernels, "supports_pool", return_value=False):
-            yield "xla"
-    else:
-        if jax.default_backend() != "cpu" or not kernels.available():
-            pytest.skip("the C++ kernels run on the CPU backend and need a C++ compiler")
-        with mock.patch.object(ops, "TAPS_ARGMAX_MAX_WINDOW", 0):  # every window size to C++
-            yield "cpp"
+    """Each pool test runs on every implementation (XLA's taps and argmax, the C++ kernel)."""
+    return request.param
 
 
-def _ours(x, k, weights):
-    y, vjp = jax.vjp(lambda a: max_pool(a, k), jnp.asarray(x))
-    return np.asarray(y), np.asarray(vjp(jnp.asarray(weights))[0])
+def _ours(x, k, weights, name):
+    """Forward (alone, and with its first-maximum residual) and backward of one implementation."""
+    impl = ops.POOLS[name]
+    pool = dispatch.PoolLayer(*x.shape, k, kernels.selected_isa() if name == "cpp" else None)
+    y_alone = impl.forward(jnp.asarray(x), pool)
+    y, first = impl.train_forward(jnp.asarray(x), pool)
+    np.testing.assert_array_equal(np.asarray(y_alone), np.asarray(y))
+    dx = impl.backward(first, jnp.asarray(weights), pool, x.shape)
+    return np.asarray(y), np.asarray(dx)
 
 
 @pytest.mark.parametrize("shape, k", [((3, 32, 32, 4), 2), ((2, 90, 17, 3), 4), ((2, 15, 9, 2), 2)])
@@ -44,7 +50,7 @@ def test_values_and_gradients_equal_torch(shape, k, pool_impl):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     out_shape = (shape[0], shape[1] // k, shape[2] // k, shape[3])
     weights = np.random.default_rng(1).standard_normal(out_shape).astype(np.float32)
-    ours, ours_grad = _ours(x, k, weights)
+    ours, ours_grad = _ours(x, k, weights, pool_impl)
     ref, ref_grad = _torch_pool_grad(x, k, weights)
     np.testing.assert_array_equal(ours, ref)
     np.testing.assert_array_equal(ours_grad, ref_grad)
@@ -55,7 +61,7 @@ def test_ties_send_the_gradient_to_the_first_maximum_like_torch(pool_impl):
     x[0, :2, :2, 0] = 1.0  # a window of four equal maxima
     x[0, 2, 3, 0] = x[0, 3, 2, 0] = 5.0  # two tied maxima, not first in the window
     weights = np.ones((1, 2, 2, 1), np.float32)
-    _, ours_grad = _ours(x, 2, weights)
+    _, ours_grad = _ours(x, 2, weights, pool_impl)
     _, ref_grad = _torch_pool_grad(x, 2, weights)
     np.testing.assert_array_equal(ours_grad, ref_grad)
     assert ours_grad.sum() == 4.0  # each window's gradient lands on exactly one element
@@ -66,7 +72,7 @@ def test_ties_in_every_window_size_follow_torch(k, pool_impl):
     rng = np.random.default_rng(k)
     x = rng.integers(0, 3, (2, 4 * k + 1, 3 * k, 3)).astype(np.float32)  # many tied maxima; a cropped edge
     weights = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
-    ours, ours_grad = _ours(x, k, weights)
+    ours, ours_grad = _ours(x, k, weights, pool_impl)
     ref, ref_grad = _torch_pool_grad(x, k, weights)
     np.testing.assert_array_equal(ours, ref)
     np.testing.assert_array_equal(ours_grad, ref_grad)
@@ -112,22 +118,93 @@ def _conv_inputs(c: int = 3):
 
 
 @pytest.mark.parametrize("kwargs", [dict(window_strides=(2, 2)), dict(padding="SAME"),
-                                    dict(rhs_dilation=(2, 2)), dict(c=8)])
+                                    dict(rhs_dilation=(2, 2)), dict(feature_group_count=3)])
 def test_other_convolutions_go_to_xla_unchanged(kwargs):
-    x, w, dn = _conv_inputs(kwargs.pop("c", 3))
+    x, w, dn = _conv_inputs()
+    if "feature_group_count" in kwargs:
+        w = w[:, :, :1, :3]
     args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=dn) | kwargs
-    with mock.patch.object(ops, "banded_conv", side_effect=AssertionError("banded path taken")), \
-            mock.patch.object(kernels, "conv2d", side_effect=AssertionError("C++ kernel taken")):
+    with mock.patch.object(ops, "conv2d", side_effect=AssertionError("dispatched")):
         out = ops.conv_general_dilated(x, w, **args)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(lax.conv_general_dilated(x, w, **args)))
 
 
-def test_without_cpp_kernels_few_channel_convolutions_are_banded_on_cpu():
-    x, w, dn = _conv_inputs()
-    with mock.patch.object(kernels, "available", return_value=False), \
-            mock.patch.object(ops, "banded_conv", wraps=ops.banded_conv) as banded:
-        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-    assert banded.call_count == (1 if jax.default_backend() == "cpu" else 0)
+def _torch_conv_all(x, w, padding, g):
+    """PyTorch's conv2d in float64: output, input gradient and kernel gradient, NHWC/HWIO."""
+    (t, b), (l, r) = padding
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.conv2d(torch.nn.functional.pad(tx, (l, r, t, b)), tw)
+    (out * torch.tensor(g.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+    return {"forward": out.detach().numpy().transpose(0, 2, 3, 1), "input_grad": tx.grad.numpy().transpose(0, 2, 3, 1),
+            "kernel_grad": tw.grad.numpy().transpose(2, 3, 1, 0)}
+
+
+def _implementations():
+    cases = []
+    for part, impls in ops.PARTS.items():
+        for name in impls:
+            cases.append((part, name))
+    return cases
+
+
+# every implementation of every part, on a lab-like layer and an odd one (asymmetric padding,
+# channel counts without a C++ kernel fall back to skipping the cpp case)
+@pytest.mark.parametrize("part, name", _implementations())
+@pytest.mark.parametrize("n, hw, c, o, k, padding", [(5, (12, 10), 3, 16, 3, ((1, 1), (1, 1))),
+                                                     (4, (9, 7), 8, 10, 2, ((0, 1), (2, 0)))])
+def test_every_implementation_of_every_part_equals_torch(part, name, n, hw, c, o, k, padding):
+    isa = kernels.selected_isa() if jax.default_backend() == "cpu" and kernels.available() else None
+    if name == "cpp" and (isa is None or not kernels.supports_conv(c, o, jnp.float32)[part]):
+        pytest.skip("no C++ kernel for this part here")
+    layer = dispatch.ConvLayer(n, *hw, (k, k, c, o), padding, None, isa)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, *hw, c)).astype(np.float32)
+    w = (rng.standard_normal((k, k, c, o)) / k).astype(np.float32)
+    g = rng.standard_normal((n, *layer.out_hw, o)).astype(np.float32)
+    ref = _torch_conv_all(x, w, padding, g)[part]
+    args = {"forward": (x, w), "kernel_grad": (x, g), "input_grad": (g, w)}[part]
+    out = np.asarray(ops.PARTS[part][name](*map(jnp.asarray, args), layer))
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_a_dispatched_convolution_and_its_gradients_equal_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
+    dispatch.clear_memory()
+    try:
+        rng = np.random.default_rng(6)
+        x = rng.standard_normal((8, 10, 10, 16)).astype(np.float32)
+        w = (rng.standard_normal((3, 3, 16, 8)) / 12).astype(np.float32)
+        g = rng.standard_normal((8, 10, 10, 8)).astype(np.float32)
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
+        conv = lambda a, b: ops.conv_general_dilated(a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        out, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g))
+        ref = _torch_conv_all(x, w, ((1, 1), (1, 1)), g)
+        for name, ours in (("forward", out), ("input_grad", dx), ("kernel_grad", dw)):
+            np.testing.assert_allclose(np.asarray(ours), ref[name], rtol=0, atol=1e-5 * np.abs(ref[name]).max())
+        (layer,) = dispatch.used()
+        assert set(layer) == {"layer", "forward", "input_grad", "kernel_grad"}
+    finally:
+        dispatch.clear_memory()
+
+
+def test_a_dispatched_pool_equals_torch_in_training_and_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
+    dispatch.clear_memory()
+    try:
+        x = np.random.default_rng(9).integers(0, 4, (4, 9, 8, 3)).astype(np.float32)  # ties, a cropped row
+        weights = np.random.default_rng(10).standard_normal((4, 4, 4, 3)).astype(np.float32)
+        y, vjp = jax.vjp(lambda a: max_pool(a, 2), jnp.asarray(x))
+        ref, ref_grad = _torch_pool_grad(x, 2, weights)
+        np.testing.assert_array_equal(np.asarray(y), ref)
+        np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(weights))[0]), ref_grad)
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: max_pool(a, 2))(jnp.asarray(x))), ref)
+        (layer,) = dispatch.used()
+        assert set(layer) == {"layer", "pool", "pool_forward"}  # training pair and forward alone
+    finally:
+        dispatch.clear_memory()
 
 
 @pytest.mark.parametrize("hw, c, o, k, pad", [((16, 16), 32, 64, 3, 1), ((9, 7), 3, 5, 3, 0)])
@@ -137,30 +214,13 @@ def test_row_kernel_gradient_is_the_convolution_gradient(hw, c, o, k, pad):
     w = (rng.standard_normal((k, k, c, o)) / (k * np.sqrt(c))).astype(np.float32)
     out_hw = (hw[0] + 2 * pad - k + 1, hw[1] + 2 * pad - k + 1)
     grad_weights = rng.standard_normal((2, *out_hw, o)).astype(np.float32)
-    ref, ref_grad = _torch_conv(x, w, pad, grad_weights)
+    _, ref_grad = _torch_conv(x, w, pad, grad_weights)
     pads = ((pad, pad), (pad, pad))
-    out, vjp = jax.vjp(lambda a, b: conv_with_row_kernel_grad(a, b, pads), jnp.asarray(x), jnp.asarray(w))
-    grad_x, grad_w = vjp(jnp.asarray(grad_weights))
-    xla_grad_x = jax.vjp(lambda a: lax.conv_general_dilated(a, jnp.asarray(w), (1, 1), pads,
-                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")),
-                         jnp.asarray(x))[1](jnp.asarray(grad_weights))[0]
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-5)
+    grad_w = kernel_grad_by_rows(jnp.asarray(x), jnp.asarray(grad_weights), w.shape, pads)
     np.testing.assert_allclose(np.asarray(grad_w), ref_grad, rtol=1e-5, atol=2e-4)
-    np.testing.assert_array_equal(np.asarray(grad_x), np.asarray(xla_grad_x))
 
 
-def test_without_cpp_kernels_wide_layers_on_large_maps_take_the_row_kernel_gradient():
-    x, w = jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 64))
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    with mock.patch.object(kernels, "available", return_value=False), \
-            mock.patch.object(ops, "conv_with_row_kernel_grad", wraps=ops.conv_with_row_kernel_grad) as rows:
-        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-        ops.conv_general_dilated(x[:, :8, :8], w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # small map
-        ops.conv_general_dilated(x, w[..., :32], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 32 -> 32
-    assert rows.call_count == (1 if jax.default_backend() == "cpu" else 0)
-
-
-@pytest.mark.parametrize("n, parts, slices", [(64, 2, 2), (50, 3, 3), (40, 3, 2), (20, 2, 1), (64, 1, 1)])
+@pytest.mark.parametrize("n, parts, slices", [(64, 2, 2), (50, 3, 3), (2, 3, 2), (1, 2, 1), (64, 1, 1)])
 def test_split_batch_is_the_same_convolution_in_slices(n, parts, slices):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((n, 6, 5, 3)).astype(np.float32))
@@ -172,22 +232,6 @@ def test_split_batch_is_the_same_convolution_in_slices(n, parts, slices):
         return lax.conv_general_dilated(a, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     out = split_batch(conv, x, parts)
-    assert len(calls) == slices and sum(calls) == n  # slices of at least ops.CONV_MIN_SLICE samples
+    assert len(calls) == slices and sum(calls) == n
     whole = conv(x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(whole))  # each row computed as before
-    loss = lambda kernel: jnp.sum(jnp.sin(split_batch(lambda a: lax.conv_general_dilated(
-        a, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")), x, parts)))
-    whole_loss = lambda kernel: jnp.sum(jnp.sin(lax.conv_general_dilated(
-        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))))
-    np.testing.assert_allclose(np.asarray(jax.grad(loss)(w)), np.asarray(jax.grad(whole_loss)(w)), rtol=1e-5, atol=1e-4)
-
-
-def test_without_cpp_kernels_large_convolutions_are_split_over_the_cores():
-    x, w = jnp.ones((64, 16, 16, 32)), jnp.ones((3, 3, 32, 32))  # NetDropout's conv2: 302 MFLOP
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    with mock.patch.object(kernels, "available", return_value=False), \
-            mock.patch.object(ops, "CONV_BATCH_SPLITS", 2), \
-            mock.patch.object(ops, "split_batch", wraps=ops.split_batch) as split:
-        ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-        ops.conv_general_dilated(x[:, :8, :8], w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)  # 75 MFLOP
-    assert split.call_count == (1 if jax.default_backend() == "cpu" else 0)

@@ -1,20 +1,37 @@
-"""Hand-written CPU convolution kernels (``conv_cpu.cc``), built on first use and called from XLA
-through ``jax.ffi``.
+"""Hand-written CPU convolution and max-pool kernels (``conv_cpu.cc``), built on first use for the
+CPU at hand and called from XLA through ``jax.ffi``.
 
 Why: on CPU, XLA runs each convolution as one YNNPACK call on one thread, and the lab networks'
 shapes (3-64 channels, 3x3 or 10x10 kernels, many positions) are where those kernels are
-weakest; :func:`flaxcnn.models.ops.conv_general_dilated` (which routes convolutions here) and
-the README's Performance section say what was measured. The C++ source is compiled once per
-machine with the system C++ compiler (``-O3 -march=native``: the library is built on the
-machine that runs it) into a cache folder (``$FLAXCNN_CACHE_DIR``, default
-``~/.cache/flaxcnn``), keyed by the source, flags and JAX version; without a compiler, or with
-``FLAXCNN_FFI_CONV=0``, flaxcnn falls back to the XLA formulations in
-:mod:`flaxcnn.models.ops` and says so once.
+weakest. Whether these kernels actually win on a given machine is not assumed:
+:mod:`flaxcnn.models.dispatch` times them against XLA's formulations for every layer shape and
+keeps the faster one.
+
+ISA variants. The source is compiled for one of three targets, and its vector width and
+register blocking follow the target's vector registers (see ``Blocking`` in ``conv_cpu.cc``):
+
+========  ==========================================  ==========================================
+variant   compiler target                             vectors
+========  ==========================================  ==========================================
+avx512    ``-march=native`` (``-march=skylake-avx512``  32 registers x 16 floats
+          where the CPU has no AVX-512: builds only)
+avx2      ``-march=native -mno-avx512f`` (``-march=     16 registers x 8 floats, FMA
+          haswell`` where the CPU has no AVX2)
+generic   the compiler's default target (x86-64:      128-bit SSE / NEON, 4 floats
+          SSE2; ``-mcpu=native`` on Arm)
+========  ==========================================  ==========================================
+
+The variant is the best one the CPU runs, or ``FLAXCNN_KERNEL_ISA=avx512|avx2|generic`` (an
+AVX-512 machine can so build, test and time the AVX2 code). Each variant is its own library in
+the cache folder (``$FLAXCNN_CACHE_DIR``, default ``~/.cache/flaxcnn``), keyed by the source,
+flags, JAX version and CPU, and registers its own FFI targets (``flaxcnn_conv_forward_avx2``,
+...), so one process can load several. Without a C++ compiler, or with ``FLAXCNN_FFI_CONV=0``,
+flaxcnn uses XLA's formulations and says so once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -24,24 +41,36 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 SOURCE = Path(__file__).with_name("conv_cpu.cc")
-#: compiler flags: -march=native because the library is built on the machine that runs it
-CXXFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
-            "-w")
+ISAS = ("avx512", "avx2", "generic")
+#: flags common to every variant (the target flags are in :func:`target_flags`)
+CXXFLAGS = ("-O3", "-std=c++17", "-fPIC", "-w")
+#: the C++ symbols of each FFI handler; the registered target is ``<name>_<isa>``
 TARGETS = {"flaxcnn_conv_forward": "FlaxcnnConvForward",
            "flaxcnn_conv_kernel_grad": "FlaxcnnConvKernelGrad",
            "flaxcnn_max_pool_forward": "FlaxcnnMaxPoolForward",
            "flaxcnn_max_pool_backward": "FlaxcnnMaxPoolBackward"}
+#: output channel counts ``conv_cpu.cc`` has kernels for (others go to XLA's formulations)
+CHANNELS = (8, 10, 16, 24, 32, 48, 64)
+
+
+def build_units() -> int:
+    """Translation units the source is split into when built: one per usable core, at most 4 (each
+    instantiates some channel counts and they compile in parallel: 11 s -> about 7 s on 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
+class KernelConfigError(ValueError):
+    """``FLAXCNN_KERNEL_ISA`` names a variant that does not exist or that this CPU cannot run."""
 
 
 def cache_dir() -> Path:
@@ -50,9 +79,9 @@ def cache_dir() -> Path:
 
 
 def cpu_identity() -> str:
-    """The CPU's model and instruction-set flags: with ``-march=native`` a library built for one CPU
-    may not run on another (say, AVX-512 code on a CPU without it), so a home folder shared between
-    machines keeps one build per kind of CPU."""
+    """The CPU's model and instruction-set flags: a library built for one CPU may not run on
+    another (say, AVX-512 code on a CPU without it), so a home folder shared between machines
+    keeps one build per kind of CPU."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -61,11 +90,69 @@ def cpu_identity() -> str:
     return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
 
 
-def library_path() -> Path:
-    """Where the compiled library for this source, compiler flags, jaxlib version and CPU lives."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXXFLAGS).encode() + jax.__version__.encode()
-                         + cpu_identity().encode()).hexdigest()[:16]
-    return cache_dir() / f"conv_cpu-{key}.so"
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags ``/proc/cpuinfo`` lists (empty where there is none)."""
+    flags: set[str] = set()
+    for line in cpu_identity().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def runnable_isas() -> tuple[str, ...]:
+    """The variants this CPU can run, best first."""
+    flags = cpu_flags()
+    out = []
+    if _x86() and "avx512f" in flags:
+        out.append("avx512")
+    if _x86() and {"avx2", "fma"} <= flags:
+        out.append("avx2")
+    return (*out, "generic")
+
+
+def selected_isa() -> str:
+    """``$FLAXCNN_KERNEL_ISA`` if set (checked), else the best variant this CPU runs."""
+    forced = os.environ.get("FLAXCNN_KERNEL_ISA", "").strip().lower()
+    if not forced or forced == "auto":
+        return runnable_isas()[0]
+    if forced not in ISAS:
+        raise KernelConfigError(f"FLAXCNN_KERNEL_ISA={forced!r} is not a kernel variant; "
+                                f"accepted: auto, {', '.join(ISAS)}")
+    if forced not in runnable_isas():
+        raise KernelConfigError(f"FLAXCNN_KERNEL_ISA={forced}: this CPU cannot run that variant "
+                                f"(it runs: {', '.join(runnable_isas())}); build_only() still compiles it")
+    return forced
+
+
+def target_flags(isa: str) -> tuple[str, ...]:
+    """Compiler target flags of a variant: the native CPU where it runs the variant (tuning for
+    it too), else a generic CPU of that ISA, so that any variant can at least be built."""
+    native = isa in runnable_isas()
+    if isa == "avx512":
+        return ("-march=native", "-mprefer-vector-width=512") if native else ("-march=skylake-avx512",)
+    if isa == "avx2":
+        return ("-march=native", "-mno-avx512f") if native else ("-march=haswell",)
+    if isa == "generic":
+        return ("-mcpu=native",) if platform.machine().lower() in ("aarch64", "arm64") else ()
+    raise KernelConfigError(f"unknown kernel variant {isa!r}; accepted: {', '.join(ISAS)}")
+
+
+def library_key(isa: str) -> str:
+    """What a built library depends on: source, flags, jaxlib version and CPU."""
+    text = (SOURCE.read_bytes() + " ".join((*CXXFLAGS, *target_flags(isa))).encode()
+            + jax.__version__.encode() + cpu_identity().encode())
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def library_path(isa: str | None = None) -> Path:
+    """Where the compiled library of a variant (default: the selected one) lives."""
+    isa = isa or selected_isa()
+    return cache_dir() / f"conv_cpu-{isa}-{library_key(isa)}.so"
 
 
 def compiler() -> str | None:
@@ -73,39 +160,64 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def build(path: Path) -> None:
-    """Compiles ``conv_cpu.cc`` to ``path`` (atomically: a concurrent build never sees half a file)."""
+def _run(cmd: list[str]) -> None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as err:
+        raise RuntimeError(f"cannot run the C++ compiler {cmd[0]!r}: {err}") from err
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+
+
+def build(path: Path, isa: str | None = None) -> None:
+    """Compiles ``conv_cpu.cc`` for a variant to ``path``: :func:`build_units` object files in
+    parallel, then one link; atomically (a concurrent build never sees half a file)."""
+    isa = isa or selected_isa()
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (looked for $CXX, g++, c++, clang++)")
+    flags = [*CXXFLAGS, *target_flags(isa), f"-I{jax.ffi.include_dir()}"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        count = build_units()
+        objects = [Path(tmp) / f"unit{u}.o" for u in range(count)]
+        units = [[cxx, *flags, f"-DFLAXCNN_UNIT={u}", f"-DFLAXCNN_UNITS={count}", "-c", str(SOURCE),
+                  "-o", str(obj)] for u, obj in enumerate(objects)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+            list(pool.map(_run, units))
         out = Path(tmp) / path.name
-        cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as err:
-            raise RuntimeError(f"cannot run the C++ compiler {cxx!r}: {err}") from err
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        _run([cxx, "-shared", *[str(o) for o in objects], "-o", str(out)])
         os.replace(out, path)
 
 
+def build_only(isa: str, path: Path) -> None:
+    """Compiles a variant without loading it (a variant the CPU cannot run can still be built)."""
+    build(path, isa)
+
+
+def enabled() -> bool:
+    """False when ``FLAXCNN_FFI_CONV=0`` switches the kernels off."""
+    return os.environ.get("FLAXCNN_FFI_CONV", "1") != "0"
+
+
 @functools.cache
-def available() -> bool:
-    """Builds (once per machine) and registers the kernels; False, with one warning, if that fails
-    or ``FLAXCNN_FFI_CONV=0``."""
-    if os.environ.get("FLAXCNN_FFI_CONV", "1") == "0":
-        return False
+def load(isa: str) -> bool:
+    """Builds (once per machine) and registers one variant; False, with one warning, if that fails."""
     try:
-        path = library_path()
+        path = library_path(isa)
         if not path.exists():
-            print(f"flaxcnn: compiling CPU convolution kernels into {path} (once per machine)",
-                  file=sys.stderr)
-            build(path)
+            print(f"flaxcnn: compiling the {isa} CPU kernels into {path} (once per machine) ...",
+                  file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            build(path, isa)
+            print(f"flaxcnn: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         lib = ctypes.cdll.LoadLibrary(str(path))
+        lib.FlaxcnnKernelIsa.restype = ctypes.c_char_p
+        built_as = lib.FlaxcnnKernelIsa().decode()
+        if built_as != isa:
+            raise RuntimeError(f"{path} was built as {built_as!r}, not {isa!r} (compiler target macros)")
         for target, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            jax.ffi.register_ffi_target(f"{target}_{isa}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as err:
         warnings.warn(f"flaxcnn: CPU convolution kernels unavailable, using XLA's convolutions ({err})",
                       RuntimeWarning, stacklevel=2)
@@ -113,133 +225,49 @@ def available() -> bool:
     return True
 
 
-#: output channel counts ``conv_cpu.cc`` has kernels for (others go to XLA's convolution)
-CHANNELS = (8, 10, 16, 24, 32, 48, 64)
+def available(isa: str | None = None) -> bool:
+    """Whether the kernels (of ``isa``, default the selected variant) can be used: switched on,
+    built and registered (building them on first call)."""
+    if not enabled():
+        return False
+    return load(isa or selected_isa())
 
 
-_switched_off = threading.local()
+def supports_conv(in_channels: int, out_channels: int, dtype) -> dict[str, bool]:
+    """Which convolution parts have a kernel: ``forward`` and ``kernel_grad`` need the output
+    channel count in :data:`CHANNELS`, ``input_grad`` (a forward pass with channels swapped) the
+    input channel count; float32 only."""
+    ok = jnp.dtype(dtype) == jnp.float32
+    return {"forward": ok and out_channels in CHANNELS, "kernel_grad": ok and out_channels in CHANNELS,
+            "input_grad": ok and in_channels in CHANNELS}
 
 
-@contextlib.contextmanager
-def switched_off() -> Iterator[None]:
-    """Within this block (while a function is traced), convolutions and pools do not use the C++
-    kernels.
-
-    Used for the data-parallel step over a mesh: XLA's SPMD partitioner cannot split a custom
-    call, so it would gather the whole batch onto every device and compute each convolution
-    there in full; XLA's own convolutions are split over the devices.
-    """
-    depth = getattr(_switched_off, "depth", 0)
-    _switched_off.depth = depth + 1
-    try:
-        yield
-    finally:
-        _switched_off.depth = depth
-
-
-def _on() -> bool:
-    return jax.default_backend() == "cpu" and not getattr(_switched_off, "depth", 0) and available()
-
-
-def supports_pool(x: jax.Array) -> bool:
-    """Whether :func:`max_pool` runs this pooling with the C++ kernels (float32 on CPU)."""
-    return x.dtype == jnp.float32 and x.ndim == 4 and _on()
-
-
-def supports(x: jax.Array, w: jax.Array) -> bool:
-    """Whether :func:`conv2d` runs this float32 NHWC/HWIO convolution with the C++ kernels
-    (its output channel count has one) -- building them first if needed."""
-    return x.dtype == w.dtype == jnp.float32 and w.shape[3] in CHANNELS and _on()
-
-
-def _xla_valid_conv(xp: jax.Array, w: jax.Array) -> jax.Array:
-    return lax.conv_general_dilated(xp, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _require() -> None:
-    if not available():
-        raise RuntimeError("flaxcnn's C++ convolution kernels are not available (see the warning above, "
-                           "or FLAXCNN_FFI_CONV=0); use flaxcnn.models.ops.conv_general_dilated, which falls back")
-
-
-def _forward(xp: jax.Array, w: jax.Array) -> jax.Array:
-    _require()
+def conv_forward(xp: jax.Array, w: jax.Array, isa: str) -> jax.Array:
+    """Valid (unpadded) stride-1 convolution of a padded NHWC batch with an HWIO kernel."""
     n, hp, wp, _ = xp.shape
     kh, kw, _, o = w.shape
-    if o not in CHANNELS:
-        return _xla_valid_conv(xp, w)
     out = jax.ShapeDtypeStruct((n, hp - kh + 1, wp - kw + 1, o), jnp.float32)
-    return jax.ffi.ffi_call("flaxcnn_conv_forward", out, vmap_method="sequential")(xp, w)
+    return jax.ffi.ffi_call(f"flaxcnn_conv_forward_{isa}", out, vmap_method="sequential")(xp, w)
 
 
-def _kernel_grad(xp: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
-    if kernel_shape[3] not in CHANNELS:
-        w0 = jnp.zeros(kernel_shape, jnp.float32)  # the convolution is linear in w: any w will do
-        return jax.vjp(lambda w: _xla_valid_conv(xp, w), w0)[1](g)[0]
-    _require()
+def conv_kernel_grad(xp: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], isa: str) -> jax.Array:
+    """The HWIO kernel gradient of :func:`conv_forward` given the output gradient ``g``."""
     out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
-    return jax.ffi.ffi_call("flaxcnn_conv_kernel_grad", out, vmap_method="sequential")(xp, g)
+    return jax.ffi.ffi_call(f"flaxcnn_conv_kernel_grad_{isa}", out, vmap_method="sequential")(xp, g)
 
 
-def _pad(x: jax.Array, padding) -> jax.Array:
-    (t, b), (l, r) = padding
-    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (l, r, 0), (0, 0, 0)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """Stride-1 float32 convolution of an NHWC batch with an HWIO kernel and explicit
-    ``((top, bottom), (left, right))`` padding, forward and both gradients by the C++ kernels."""
-    return _forward(_pad(x, padding), w)
-
-
-def _conv2d_fwd(x, w, padding):
-    xp = _pad(x, padding)
-    return _forward(xp, w), (xp, w)
-
-
-def _conv2d_bwd(padding, residuals, g):
-    xp, w = residuals
-    kh, kw, c, _ = w.shape
-    (t, b), (l, r) = padding
-    if c in CHANNELS:
-        # input gradient: the output gradient, padded so that the result has the input's size,
-        # convolved with the kernel flipped in space and with in/out channels swapped
-        gp = _pad(g, ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r)))
-        grad_x = _forward(gp, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
-    else:  # (the first layer's: usually not needed, and then removed by XLA)
-        x = xp[:, t:xp.shape[1] - b, l:xp.shape[2] - r]
-        grad_x = jax.vjp(lambda a: _xla_valid_conv(_pad(a, padding), w), x)[1](g)[0]
-    return grad_x, _kernel_grad(xp, g, w.shape)
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def max_pool(x: jax.Array, k: int) -> jax.Array:
-    """``F.max_pool2d(x, k)`` (stride k, floor mode) of an NHWC float32 batch by the C++ kernel;
-    the gradient goes to each window's first maximum (PyTorch's rule on ties)."""
-    return _pool_forward(x, k)[0]
-
-
-def _pool_forward(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    _require()
+def max_pool_forward(x: jax.Array, k: int, isa: str) -> tuple[jax.Array, jax.Array]:
+    """``F.max_pool2d(x, k)`` (stride k, floor mode) of an NHWC float32 batch, and each window's
+    first maximum (row-major index in the window: PyTorch's rule on ties; a NaN counts as the
+    maximum, the last NaN of a window, as in PyTorch's CPU kernel)."""
     n, h, w, c = x.shape
     out = (jax.ShapeDtypeStruct((n, h // k, w // k, c), jnp.float32),
            jax.ShapeDtypeStruct((n, h // k, w // k, c), jnp.int32))
-    return jax.ffi.ffi_call("flaxcnn_max_pool_forward", out, vmap_method="sequential")(x, k=np.int64(k))
+    return jax.ffi.ffi_call(f"flaxcnn_max_pool_forward_{isa}", out, vmap_method="sequential")(x, k=np.int64(k))
 
 
-def _max_pool_fwd(x, k):
-    y, first = _pool_forward(x, k)
-    return y, (first, x.shape)
-
-
-def _max_pool_bwd(k, residuals, g):
-    first, shape = residuals
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return (jax.ffi.ffi_call("flaxcnn_max_pool_backward", out, vmap_method="sequential")(g, first, k=np.int64(k)),)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+def max_pool_backward(first: jax.Array, g: jax.Array, k: int, x_shape: tuple[int, ...], isa: str) -> jax.Array:
+    """The input gradient of :func:`max_pool_forward`: each window's gradient at its first
+    maximum, zero elsewhere (cropped rows and columns included)."""
+    out = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32)
+    return jax.ffi.ffi_call(f"flaxcnn_max_pool_backward_{isa}", out, vmap_method="sequential")(g, first, k=np.int64(k))

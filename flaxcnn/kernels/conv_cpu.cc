@@ -9,8 +9,9 @@
 // where xp is the already padded input. The input gradient is conv_forward of the padded output
 // gradient with the flipped, transposed kernel (done in JAX). In NHWC, the kw * C values under one
 // kernel row are contiguous, so both kernels reduce over a contiguous run of kw * C inputs per row.
-// Accumulators are kept in registers: PB output positions x O channels (forward) or RB kernel
-// rows x O channels (kernel gradient); the compiler vectorises the O loop (compile-time O).
+// Accumulators are kept in registers: PB output positions x a block of the O channels (forward)
+// or RB kernel rows x a block of channels (kernel gradient), sized to the target's vector
+// registers (see Blocking); the compiler vectorises the channel loop (compile-time O).
 #include <algorithm>
 #include <array>
 #include <utility>
@@ -22,9 +23,363 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+// Built as several translation units compiled in parallel (flaxcnn/kernels/__init__.py): each
+// instantiates the kernels of some channel counts; unit 0 also holds the FFI handlers.
+#ifndef FLAXCNN_UNIT
+#define FLAXCNN_UNIT 0
+#define FLAXCNN_UNITS 1
+#endif
+
+// Each ISA variant's code lives in a namespace of its own: one process loads several variants
+// (tests, timing), and template instances with the same name in two libraries -- above all the
+// block tables, which GCC emits as process-wide unique symbols -- would otherwise be shared
+// between them (the AVX2 kernels ran with the AVX-512 block table).
+#if defined(__AVX512F__)
+#define FLAXCNN_NS flaxcnn_kernels_avx512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FLAXCNN_NS flaxcnn_kernels_avx2
+#else
+#define FLAXCNN_NS flaxcnn_kernels_generic
+#endif
+
+namespace FLAXCNN_NS {
+
+struct Shape {
+  int64_t n, hp, wp, c, kh, kw, o, ho, wo;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The target's vector unit, from the compiler's target macros (the library is built once per ISA
+// variant, see flaxcnn/kernels/__init__.py): kMaxWidth floats per vector and kRegisters vector
+// registers. Register blocking below is derived from these two numbers, so that the accumulators
+// of one block, the kernel (or gradient) vectors they multiply and one broadcast value fit in the
+// register file: with AVX-512 (32 x 16 floats) a forward block holds 16 positions x 16 channels,
+// with AVX2 + FMA (16 x 8 floats) it holds 13 x 8 or 6 x 16 (a block sized for AVX-512 spills
+// on AVX2: that cost 3.5-8x on an AVX2 EPYC), with 128-bit SSE/NEON 13 x 4 or 28 x 4.
+#if defined(__AVX512F__)
+constexpr int kMaxWidth = 16, kRegisters = 32;
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kMaxWidth = 8, kRegisters = 16;
+constexpr const char* kIsa = "avx2";
+#elif defined(__aarch64__)
+constexpr int kMaxWidth = 4, kRegisters = 32;
+constexpr const char* kIsa = "generic";
+#else
+constexpr int kMaxWidth = 4, kRegisters = 16;
+constexpr const char* kIsa = "generic";
+#endif
+
+// O output channels are held as NV vectors of W floats (GCC vector extensions, so that the
+// accumulators are registers whatever the target ISA); a channel count that is not a multiple of
+// W loads and stores only its O floats.
+template <int O>
+struct Lanes {
+  static constexpr int W = (kMaxWidth >= 16 && O <= 8) ? 8 : kMaxWidth;
+  static constexpr int NV = (O + W - 1) / W;
+  typedef float vec __attribute__((vector_size(W * sizeof(float))));
+  static constexpr int Width(int v) { return (v + 1) * W <= O ? W : O - v * W; }
+  // A partial vector (O = 10: 16 lanes, 10 used) is a masked load/store where the ISA has one:
+  // a memcpy of 10 floats into a vector compiles to a store and a reload (a store-forwarding stall).
+  static inline vec LoadOne(const float* src, int width) {
+    if (width == W) {
+      vec out;
+      __builtin_memcpy(&out, src, sizeof(vec));
+      return out;
+    }
+#if defined(__AVX512F__)
+    if constexpr (W == 16) return (vec)_mm512_maskz_loadu_ps((__mmask16)((1u << width) - 1), src);
+#endif
+#if defined(__AVX2__)
+    if constexpr (W == 8) return (vec)_mm256_maskload_ps(src, Mask8(width));
+#endif
+    float lanes[W] = {};
+    for (int l = 0; l < width; ++l) lanes[l] = src[l];
+    vec out;
+    __builtin_memcpy(&out, lanes, sizeof(vec));
+    return out;
+  }
+  static inline void StoreOne(float* dst, vec value, int width) {
+    if (width == W) {
+      __builtin_memcpy(dst, &value, sizeof(vec));
+      return;
+    }
+#if defined(__AVX512F__)
+    if constexpr (W == 16) {
+      _mm512_mask_storeu_ps(dst, (__mmask16)((1u << width) - 1), (__m512)value);
+      return;
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (W == 8) {
+      _mm256_maskstore_ps(dst, Mask8(width), (__m256)value);
+      return;
+    }
+#endif
+    float lanes[W];
+    __builtin_memcpy(lanes, &value, sizeof(vec));
+    for (int l = 0; l < width; ++l) dst[l] = lanes[l];
+  }
+#if defined(__AVX2__)
+  static inline __m256i Mask8(int width) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(width), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+#endif
+  // vectors [V0, V0 + N) of the O channels at src / dst
+  template <int V0, int N>
+  static inline void Load(vec* dst, const float* src) {
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) dst[v] = LoadOne(src + (V0 + v) * W, Width(V0 + v));
+  }
+  template <int V0, int N>
+  static inline void Store(float* dst, const vec* src) {
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) StoreOne(dst + (V0 + v) * W, src[v], Width(V0 + v));
+  }
+  template <int V0, int N>
+  static inline void Add(float* dst, const vec* src) {
+    vec cur[N];
+    Load<V0, N>(cur, dst);
+#pragma GCC unroll 16
+    for (int v = 0; v < N; ++v) cur[v] += src[v];
+    Store<V0, N>(dst, cur);
+  }
+};
+
+// Register blocking for O channels: the channels are cut into blocks of NVB vectors (all NV while
+// at least MinBlock positions or kernel rows fit beside them, else the largest divisor of NV that
+// leaves room for MinBlock), and a block of B positions (rows) x NVB vectors of accumulators is
+// sized to the register file: B * NVB accumulators + NVB operand vectors + a broadcast value +
+// one spare, at most MaxAcc accumulators (16 forward, 24 kernel gradient: on AVX-512 these are
+// the blockings the kernels were first tuned with).
+template <int O, int MaxAcc>
+struct Blocking {
+  static constexpr int NV = Lanes<O>::NV;
+  static constexpr int MinBlock = 3;
+  static constexpr int Room(int nvb) { return (kRegisters - nvb - 2) / nvb; }
+  static constexpr int PickNVB() {
+    for (int nvb = NV; nvb > 1; --nvb)
+      if (NV % nvb == 0 && Room(nvb) >= MinBlock) return nvb;
+    return 1;
+  }
+  static constexpr int NVB = PickNVB();
+  static constexpr int Blocks = NV / NVB;
+  static constexpr int B = std::max(1, std::min(MaxAcc / NVB, Room(NVB)));
+};
+
+// ---------------------------------------------------------------------------------------------
+// forward: PB output positions of one row x the channel vectors [V0, V0 + NVB), accumulating
+// over (i, j)
+
+template <int O, int V0, int NVB, int PB>
+void ForwardBlock(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n, int64_t oh,
+                  int64_t ow) {
+  using L = Lanes<O>;
+  using vec = typename L::vec;
+  // Each kernel row's kw * C products are summed in registers, then added to `total`: two levels
+  // of sums, like a blocked GEMM, rather than one running sum over kh * kw * C terms.
+  vec total[PB][NVB] = {};
+  const int64_t J = s.kw * s.c;
+  for (int64_t i = 0; i < s.kh; ++i) {
+    vec acc[PB][NVB] = {};
+    const float* xr = xp + ((n * s.hp + oh + i) * s.wp + ow) * s.c;
+    const float* wi = w + i * J * O;
+    for (int64_t j = 0; j < J; ++j) {
+      vec wv[NVB];
+      L::template Load<V0, NVB>(wv, wi + j * O);
+#pragma GCC unroll 32
+      for (int p = 0; p < PB; ++p) {
+        const float xv = xr[p * s.c + j];
+#pragma GCC unroll 16
+        for (int v = 0; v < NVB; ++v) acc[p][v] += xv * wv[v];
+      }
+    }
+#pragma GCC unroll 32
+    for (int p = 0; p < PB; ++p)
+#pragma GCC unroll 16
+      for (int v = 0; v < NVB; ++v) total[p][v] += acc[p][v];
+  }
+#pragma GCC unroll 32
+  for (int p = 0; p < PB; ++p) L::template Store<V0, NVB>(yrow + (ow + p) * O, total[p]);
+}
+
+// Runs blocks of S kernel rows from `at` while S more fit before `end`, if S <= Max.
+template <int S, int Max, typename F>
+inline void Blocks(int64_t& at, int64_t end, const F& block) {
+  if constexpr (S <= Max)
+    for (; at + S <= end; at += S) block(std::integral_constant<int, S>());
+}
+
+using ForwardFn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t, int64_t);
+
+template <int O, int V0, int NVB, size_t... PB>
+constexpr auto ForwardBlockTable(std::index_sequence<PB...>) {
+  return std::array<ForwardFn, sizeof...(PB)>{ForwardBlock<O, V0, NVB, static_cast<int>(PB) + 1>...};
+}
+
+// A row of `wo` positions in equal blocks of at most B positions, for each channel block: ConvNet's
+// 17 columns as 9 + 8 rather than 16 + 1, whose single column runs at a fraction of the speed.
+template <int O, int Block>
+void ForwardRowChannels(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n,
+                        int64_t oh) {
+  using K = Blocking<O, 16>;
+  static constexpr auto table =
+      ForwardBlockTable<O, Block * K::NVB, K::NVB>(std::make_index_sequence<K::B>());
+  const int64_t blocks = (s.wo + K::B - 1) / K::B;
+  int64_t ow = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = (b + 1) * s.wo / blocks;
+    table[end - ow - 1](xp, w, yrow, s, n, oh, ow);
+    ow = end;
+  }
+}
+
+template <int O, size_t... Block>
+void ForwardRowAllChannels(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n,
+                           int64_t oh, std::index_sequence<Block...>) {
+  (ForwardRowChannels<O, static_cast<int>(Block)>(xp, w, yrow, s, n, oh), ...);
+}
+
+template <int O>
+void ForwardRow(const float* xp, const float* w, float* y, const Shape& s, int64_t n, int64_t oh) {
+  float* yrow = y + ((n * s.ho + oh) * s.wo) * O;
+  ForwardRowAllChannels<O>(xp, w, yrow, s, n, oh, std::make_index_sequence<Blocking<O, 16>::Blocks>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel gradient: RB kernel rows (i, j0 .. j0 + RB) x the channel vectors [V0, V0 + NVB) at a
+// time, accumulating over positions
+
+template <int O, int V0, int NVB, int RB>
+void KernelGradBlock(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1,
+                     int64_t i, int64_t j0) {
+  using L = Lanes<O>;
+  using vec = typename L::vec;
+  // Three levels of sums keep float32 rounding near that of a blocked GEMM (a single running sum
+  // over 64 x 32 x 32 positions drifted visibly from PyTorch in a 10-step training trajectory):
+  // registers over at least FLUSH positions, then `sample` over one sample, then dw over samples.
+  constexpr int64_t FLUSH = 32;
+  float* out = dw + (i * s.kw * s.c + j0) * O;
+  for (int64_t n = n0; n < n1; ++n) {
+    vec acc[RB][NVB] = {}, sample[RB][NVB] = {};
+    int64_t pending = 0;
+    for (int64_t oh = 0; oh < s.ho; ++oh) {
+      const float* xr = xp + ((n * s.hp + oh + i) * s.wp) * s.c + j0;
+      const float* dr = dy + ((n * s.ho + oh) * s.wo) * O;
+      for (int64_t ow = 0; ow < s.wo; ++ow) {
+        vec dv[NVB];
+        L::template Load<V0, NVB>(dv, dr + ow * O);
+        const float* xv = xr + ow * s.c;
+#pragma GCC unroll 32
+        for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+          for (int v = 0; v < NVB; ++v) acc[r][v] += xv[r] * dv[v];
+      }
+      pending += s.wo;
+      if (pending >= FLUSH || oh + 1 == s.ho) {
+#pragma GCC unroll 32
+        for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+          for (int v = 0; v < NVB; ++v) {
+            sample[r][v] += acc[r][v];
+            acc[r][v] = vec{};
+          }
+        pending = 0;
+      }
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < RB; ++r) L::template Add<V0, NVB>(out + r * O, sample[r]);
+  }
+}
+
+// Adds the contribution of samples [n0, n1) to dw (KH, KW*C, O) for one channel block.
+template <int O, int Block>
+void KernelGradChannels(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
+  using K = Blocking<O, 24>;
+  constexpr int Max = K::B, V0 = Block * K::NVB, NVB = K::NVB;
+  const int64_t J = s.kw * s.c;
+  for (int64_t i = 0; i < s.kh; ++i) {
+    int64_t j = 0;
+    auto block = [&](auto rb) { KernelGradBlock<O, V0, NVB, decltype(rb)::value>(xp, dy, dw, s, n0, n1, i, j); };
+    Blocks<24, Max>(j, J, block);
+    Blocks<16, Max>(j, J, block);
+    Blocks<12, Max>(j, J, block);
+    Blocks<10, Max>(j, J, block);
+    Blocks<9, Max>(j, J, block);
+    Blocks<8, Max>(j, J, block);
+    Blocks<6, Max>(j, J, block);
+    Blocks<4, Max>(j, J, block);
+    Blocks<3, Max>(j, J, block);
+    Blocks<2, Max>(j, J, block);
+    Blocks<1, Max>(j, J, block);
+  }
+}
+
+template <int O, size_t... Block>
+void KernelGradAllChannels(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1,
+                           std::index_sequence<Block...>) {
+  (KernelGradChannels<O, static_cast<int>(Block)>(xp, dy, dw, s, n0, n1), ...);
+}
+
+template <int O>
+void KernelGradSamples(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
+  KernelGradAllChannels<O>(xp, dy, dw, s, n0, n1, std::make_index_sequence<Blocking<O, 24>::Blocks>());
+}
+
+}  // namespace FLAXCNN_NS
+
+namespace FLAXCNN_NS {
+
+// Explicit instantiations: a channel count's kernels are compiled in unit (index % FLAXCNN_UNITS)
+// and declared extern in the others. The indices balance the units: with two, unit 1 takes the
+// one-vector channel counts 8, 10, 16 (16-position blocks, the most code) and 32, unit 0 the
+// FFI handlers, the pools and 24, 48, 64.
+#define FLAXCNN_INSTANCES(PREFIX, O)                                                              \
+  PREFIX template void ForwardRow<O>(const float*, const float*, float*, const Shape&, int64_t, int64_t); \
+  PREFIX template void KernelGradSamples<O>(const float*, const float*, float*, const Shape&, int64_t, int64_t);
+#if 1 % FLAXCNN_UNITS == FLAXCNN_UNIT
+FLAXCNN_INSTANCES(, 8)
+#else
+FLAXCNN_INSTANCES(extern, 8)
+#endif
+#if 3 % FLAXCNN_UNITS == FLAXCNN_UNIT
+FLAXCNN_INSTANCES(, 10)
+#else
+FLAXCNN_INSTANCES(extern, 10)
+#endif
+#if 5 % FLAXCNN_UNITS == FLAXCNN_UNIT
+FLAXCNN_INSTANCES(, 16)
+#else
+FLAXCNN_INSTANCES(extern, 16)
+#endif
+#if 2 % FLAXCNN_UNITS == FLAXCNN_UNIT
+FLAXCNN_INSTANCES(, 24)
+#else
+FLAXCNN_INSTANCES(extern, 24)
+#endif
+#if 7 % FLAXCNN_UNITS == FLAXCNN_UNIT
+FLAXCNN_INSTANCES(, 32)
+#else
+FLAXCNN_INSTANCES(extern, 32)
+#endif
+#if 4 % FLAXCNN_UNITS == FLAXCNN_UNIT
+FLAXCNN_INSTANCES(, 48)
+#else
+FLAXCNN_INSTANCES(extern, 48)
+#endif
+#if 6 % FLAXCNN_UNITS == FLAXCNN_UNIT
+FLAXCNN_INSTANCES(, 64)
+#else
+FLAXCNN_INSTANCES(extern, 64)
+#endif
+
+}  // namespace FLAXCNN_NS
+
+#if FLAXCNN_UNIT == 0
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,9 +387,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-struct Shape {
-  int64_t n, hp, wp, c, kh, kw, o, ho, wo;
-};
+using namespace FLAXCNN_NS;
 
 // Runs fn(chunk) for chunk in [0, chunks) on the caller and up to workers - 1 pool threads.
 // The caller takes chunks too and returns once every chunk has run, so it never waits on a task
@@ -64,140 +417,6 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, int64_t workers, const F
 }
 
 int64_t Workers(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
-
-// ---------------------------------------------------------------------------------------------
-// O output channels are held as NV vectors of W floats (GCC vector extensions, so that the
-// accumulators are registers whatever the target ISA); a channel count that is not a multiple of
-// W loads and stores only its O floats.
-
-template <int O>
-struct Lanes {
-  static constexpr int W = O <= 8 ? 8 : 16;
-  static constexpr int NV = (O + W - 1) / W;
-  typedef float vec __attribute__((vector_size(W * sizeof(float))));
-  static constexpr int Width(int v) { return (v + 1) * W <= O ? W : O - v * W; }
-  // A partial vector (O = 10: 16 lanes, 10 used) is a masked load/store where the ISA has one:
-  // a memcpy of 10 floats into a vector compiles to a store and a reload (a store-forwarding stall).
-  static inline vec LoadOne(const float* src, int width) {
-    if (width == W) {
-      vec out;
-      __builtin_memcpy(&out, src, sizeof(vec));
-      return out;
-    }
-#if defined(__AVX512F__)
-    if constexpr (W == 16) return (vec)_mm512_maskz_loadu_ps((__mmask16)((1u << width) - 1), src);
-#endif
-    float lanes[W] = {};
-    for (int l = 0; l < width; ++l) lanes[l] = src[l];
-    vec out;
-    __builtin_memcpy(&out, lanes, sizeof(vec));
-    return out;
-  }
-  static inline void StoreOne(float* dst, vec value, int width) {
-    if (width == W) {
-      __builtin_memcpy(dst, &value, sizeof(vec));
-      return;
-    }
-#if defined(__AVX512F__)
-    if constexpr (W == 16) {
-      _mm512_mask_storeu_ps(dst, (__mmask16)((1u << width) - 1), (__m512)value);
-      return;
-    }
-#endif
-    float lanes[W];
-    __builtin_memcpy(lanes, &value, sizeof(vec));
-    for (int l = 0; l < width; ++l) dst[l] = lanes[l];
-  }
-  static inline void Load(vec* dst, const float* src) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) dst[v] = LoadOne(src + v * W, Width(v));
-  }
-  static inline void Store(float* dst, const vec* src) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) StoreOne(dst + v * W, src[v], Width(v));
-  }
-  static inline void Add(float* dst, const vec* src) {
-    vec cur[NV];
-    Load(cur, dst);
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) cur[v] += src[v];
-    Store(dst, cur);
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// forward: PB output positions of one row at a time, accumulating over (i, j)
-
-template <int O, int PB>
-void ForwardBlock(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n, int64_t oh,
-                  int64_t ow) {
-  using L = Lanes<O>;
-  // Each kernel row's kw * C products are summed in registers, then added to `total`: two levels
-  // of sums, like a blocked GEMM, rather than one running sum over kh * kw * C terms.
-  typename L::vec total[PB][L::NV] = {};
-  const int64_t J = s.kw * s.c;
-  for (int64_t i = 0; i < s.kh; ++i) {
-    typename L::vec acc[PB][L::NV] = {};
-    const float* xr = xp + ((n * s.hp + oh + i) * s.wp + ow) * s.c;
-    const float* wi = w + i * J * O;
-    for (int64_t j = 0; j < J; ++j) {
-      typename L::vec wv[L::NV];
-      L::Load(wv, wi + j * O);
-#pragma GCC unroll 16
-      for (int p = 0; p < PB; ++p) {
-        const float xv = xr[p * s.c + j];
-#pragma GCC unroll 8
-        for (int v = 0; v < L::NV; ++v) acc[p][v] += xv * wv[v];
-      }
-    }
-#pragma GCC unroll 16
-    for (int p = 0; p < PB; ++p)
-#pragma GCC unroll 8
-      for (int v = 0; v < L::NV; ++v) total[p][v] += acc[p][v];
-  }
-#pragma GCC unroll 16
-  for (int p = 0; p < PB; ++p) L::Store(yrow + (ow + p) * O, total[p]);
-}
-
-// Runs blocks of S positions (kernel rows) from `at` while S more fit before `end`, if S <= Max.
-template <int S, int Max, typename F>
-inline void Blocks(int64_t& at, int64_t end, const F& block) {
-  if constexpr (S <= Max)
-    for (; at + S <= end; at += S) block(std::integral_constant<int, S>());
-}
-
-template <int O, size_t... PB>
-constexpr auto ForwardBlockTable(std::index_sequence<PB...>) {
-  using Fn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t, int64_t);
-  return std::array<Fn, sizeof...(PB)>{ForwardBlock<O, static_cast<int>(PB) + 1>...};
-}
-
-// A row of `wo` positions in equal blocks of at most Max (PB * NV accumulators fit in registers):
-// ConvNet's 17 columns as 9 + 8 rather than 16 + 1, whose single column runs at a fraction of the
-// speed. Blocks of every size up to Max are compiled for one-vector channel counts; wider ones
-// (fewer positions per block) take the largest-first sequence of 8, 4, 2, 1.
-template <int O>
-void ForwardRow(const float* xp, const float* w, float* y, const Shape& s, int64_t n, int64_t oh) {
-  constexpr int NV = Lanes<O>::NV;
-  constexpr int Max = NV == 1 ? 16 : 16 / NV;
-  float* yrow = y + ((n * s.ho + oh) * s.wo) * O;
-  int64_t ow = 0;
-  if constexpr (NV == 1) {
-    static constexpr auto table = ForwardBlockTable<O>(std::make_index_sequence<Max>());
-    const int64_t blocks = (s.wo + Max - 1) / Max;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t end = (b + 1) * s.wo / blocks;
-      table[end - ow - 1](xp, w, yrow, s, n, oh, ow);
-      ow = end;
-    }
-  } else {
-    auto block = [&](auto pb) { ForwardBlock<O, decltype(pb)::value>(xp, w, yrow, s, n, oh, ow); };
-    Blocks<8, Max>(ow, s.wo, block);
-    Blocks<4, Max>(ow, s.wo, block);
-    Blocks<2, Max>(ow, s.wo, block);
-    Blocks<1, Max>(ow, s.wo, block);
-  }
-}
 
 using RowFn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t);
 
@@ -239,73 +458,6 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buff
       row(x, k, out, s, r / s.ho, r % s.ho);
   });
   return ffi::Error::Success();
-}
-
-// ---------------------------------------------------------------------------------------------
-// kernel gradient: RB kernel rows (i, j0 .. j0 + RB) at a time, accumulating over positions
-
-template <int O, int RB>
-void KernelGradBlock(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1,
-                     int64_t i, int64_t j0) {
-  using L = Lanes<O>;
-  // Three levels of sums keep float32 rounding near that of a blocked GEMM (a single running sum
-  // over 64 x 32 x 32 positions drifted visibly from PyTorch in a 10-step training trajectory):
-  // registers over at least FLUSH positions, then `sample` over one sample, then dw over samples.
-  constexpr int64_t FLUSH = 32;
-  float* out = dw + (i * s.kw * s.c + j0) * O;
-  for (int64_t n = n0; n < n1; ++n) {
-    typename L::vec acc[RB][L::NV] = {}, sample[RB][L::NV] = {};
-    int64_t pending = 0;
-    for (int64_t oh = 0; oh < s.ho; ++oh) {
-      const float* xr = xp + ((n * s.hp + oh + i) * s.wp) * s.c + j0;
-      const float* dr = dy + ((n * s.ho + oh) * s.wo) * O;
-      for (int64_t ow = 0; ow < s.wo; ++ow) {
-        typename L::vec dv[L::NV];
-        L::Load(dv, dr + ow * O);
-        const float* xv = xr + ow * s.c;
-#pragma GCC unroll 32
-        for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-          for (int v = 0; v < L::NV; ++v) acc[r][v] += xv[r] * dv[v];
-      }
-      pending += s.wo;
-      if (pending >= FLUSH || oh + 1 == s.ho) {
-#pragma GCC unroll 32
-        for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-          for (int v = 0; v < L::NV; ++v) {
-            sample[r][v] += acc[r][v];
-            acc[r][v] = typename L::vec{};
-          }
-        pending = 0;
-      }
-    }
-#pragma GCC unroll 32
-    for (int r = 0; r < RB; ++r) L::Add(out + r * O, sample[r]);
-  }
-}
-
-// Adds the contribution of samples [n0, n1) to dw (KH, KW*C, O).
-template <int O>
-void KernelGradSamples(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
-  constexpr int NV = Lanes<O>::NV;
-  constexpr int Max = NV == 1 ? 24 : 24 / NV;
-  const int64_t J = s.kw * s.c;
-  for (int64_t i = 0; i < s.kh; ++i) {
-    int64_t j = 0;
-    auto block = [&](auto rb) { KernelGradBlock<O, decltype(rb)::value>(xp, dy, dw, s, n0, n1, i, j); };
-    Blocks<24, Max>(j, J, block);
-    Blocks<16, Max>(j, J, block);
-    Blocks<12, Max>(j, J, block);
-    Blocks<10, Max>(j, J, block);
-    Blocks<9, Max>(j, J, block);
-    Blocks<8, Max>(j, J, block);
-    Blocks<6, Max>(j, J, block);
-    Blocks<4, Max>(j, J, block);
-    Blocks<3, Max>(j, J, block);
-    Blocks<2, Max>(j, J, block);
-    Blocks<1, Max>(j, J, block);
-  }
 }
 
 // Sample groups of the kernel gradient: enough for 2-8 threads to share the work evenly.
@@ -430,6 +582,9 @@ ffi::Error MaxPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::B
 
 }  // namespace
 
+// The ISA variant this library was built as ("avx512", "avx2" or "generic"), checked on loading.
+extern "C" const char* FlaxcnnKernelIsa() { return kIsa; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForward, ConvForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -459,3 +614,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnMaxPoolBackward, MaxPoolBackward,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("k"));
+
+
+#endif  // FLAXCNN_UNIT == 0

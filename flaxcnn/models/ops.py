@@ -8,8 +8,8 @@ chosen for XLA's CPU and GPU backends; see the notes on each.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -17,24 +17,11 @@ import numpy as np
 from jax import lax
 
 from flaxcnn import kernels
+from flaxcnn.models import dispatch
 
 #: the layout every flaxcnn convolution uses (see :mod:`flaxcnn.models.layers`)
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
-#: CPU convolutions split their batch into this many slices (None: one per available core) ...
-CONV_BATCH_SPLITS: int | None = None
-#: ... of at least this many samples each, when the convolution's forward pass over the whole
-#: batch costs at least this many FLOPs (see :func:`split_batch`). Measured on the lab networks at
-#: batch 64 on 2 cores: splitting NetDropout's/NetDepth's 32->32 layers (302 MFLOP) and ConvNet's
-#: first layer (196) gave +15-35% per step; splitting the small layers of Net and SpeechNet
-#: (<= 100 MFLOP) cost 4-9%. Only 2 cores were measured; the 16-sample floor keeps each slice's
-#: convolution from becoming tiny on machines with many cores.
-CONV_MIN_SLICE, CONV_SPLIT_MIN_FLOPS = 16, 150e6
-#: convolutions with at most this many input channels run as banded matmuls on CPU
-BANDED_MAX_IN_CHANNELS = 4
-#: on CPU, convolutions with at least these input and output channels and output positions take
-#: their kernel gradient from :func:`kernel_grad_by_rows` (NetWidth's 32->64 layer on 16x16; in
-#: the training step it made the 32->32 layers of NetDepth/NetDropout slower, so they stay on XLA)
-ROW_GRAD_MIN_IN_CHANNELS, ROW_GRAD_MIN_OUT_CHANNELS, ROW_GRAD_MIN_POSITIONS = 32, 64, 256
+Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
@@ -42,47 +29,149 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                          precision=None, **kwargs) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` (what ``nnx.Conv`` calls).
 
-    On the CPU backend, a plain float32 convolution (stride 1, no dilation, one group, explicit
-    padding, NHWC/HWIO) runs on flaxcnn's C++ kernels (:func:`flaxcnn.kernels.conv2d`) when its
-    output channel count has one: measured on the lab layers at batch 64, up to 8x faster than
-    XLA's convolutions per operation (about even on SpeechNet's small late layers), and the
-    training step of Net about 2.1x, NetWidth 2.8x, ConvNet 1.6x. Without them (no C++ compiler,
-    ``FLAXCNN_FFI_CONV=0``, other channel counts), the XLA formulations below take over: with few input channels --
-    the first layer of every lab network -- :func:`banded_conv`, with many input channels on a
-    large map :func:`conv_with_row_kernel_grad`; a large one is cut into batch slices that run
-    on all cores (:func:`split_batch`). Everything else goes to XLA's convolution unchanged.
+    A plain convolution (stride 1, no dilation, one group, explicit padding, NHWC/HWIO) lowers,
+    on CPU, to :func:`conv2d` with the implementation of each part (forward, kernel gradient,
+    input gradient) that :mod:`flaxcnn.models.dispatch` measured fastest for this layer shape on
+    this machine: flaxcnn's C++ kernels or one of the XLA formulations below. On every other
+    platform (GPU, TPU) it lowers to XLA's convolution. The choice is made at lowering
+    (``lax.platform_dependent``), not from the default backend, so the same jitted function
+    placed on a CPU device of a GPU host, or exported for another platform, gets the right code.
+    Everything else goes to XLA's convolution unchanged.
     """
-    if (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1
-            and not isinstance(padding, str) and tuple(window_strides) == (1, 1)
+    if (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
+            and tuple(window_strides) == (1, 1)
             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)):
         pads = tuple(tuple(int(v) for v in p) for p in padding)
-        if kernels.supports(lhs, rhs):
-            return kernels.conv2d(lhs, rhs, pads)
-        out_positions = ((lhs.shape[1] + sum(pads[0]) - rhs.shape[0] + 1)
-                         * (lhs.shape[2] + sum(pads[1]) - rhs.shape[1] + 1))
-        if rhs.shape[2] <= BANDED_MAX_IN_CHANNELS:
-            def conv(x): return banded_conv(x, rhs, pads, precision)
-        elif (rhs.shape[2] >= ROW_GRAD_MIN_IN_CHANNELS and rhs.shape[3] >= ROW_GRAD_MIN_OUT_CHANNELS
-              and out_positions >= ROW_GRAD_MIN_POSITIONS):
-            def conv(x): return conv_with_row_kernel_grad(x, rhs, pads, precision)
-        else:
-            def conv(x): return _xla_conv(x, rhs, pads, precision)
-        flops = 2 * lhs.shape[0] * out_positions * rhs.shape[0] * rhs.shape[1] * rhs.shape[2] * rhs.shape[3]
-        if flops >= CONV_SPLIT_MIN_FLOPS:
-            return split_batch(conv, lhs, conv_batch_splits())
-        return conv(lhs)
+        layer = dispatch.conv_layer(lhs.shape, rhs.shape, pads, lhs.dtype, precision)
+        if layer is None:  # switched off (a sharded step) or not float32: XLA's convolution everywhere
+            return xla_conv(lhs, rhs, pads, precision)
+        return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: conv2d(x, w, layer),
+                                      default=lambda x, w: xla_conv(x, w, pads, precision))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, precision=precision, **kwargs)
 
 
-def conv_batch_splits() -> int:
-    """Into how many batch slices a CPU convolution is cut: :data:`CONV_BATCH_SPLITS`, or the
-    number of cores this process may run on."""
-    if CONV_BATCH_SPLITS is not None:
-        return CONV_BATCH_SPLITS
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def xla_conv(x: jax.Array, w: jax.Array, padding: Padding, precision=None) -> jax.Array:
+    """XLA's own stride-1 NHWC/HWIO convolution (on CPU: one YNNPACK call)."""
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC_HWIO, precision=precision)
+
+
+def _pad(x: jax.Array, padding: Padding) -> jax.Array:
+    """Zero padding of H and W; a negative amount crops (``lax.pad`` semantics)."""
+    (t, b), (l, r) = padding
+    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (l, r, 0), (0, 0, 0)))
+
+
+# --- the implementations of each part of a convolution's training step --------------------------
+# forward:      (x, w) -> y
+# kernel_grad:  (x, g) -> dW    (g: the output gradient)
+# input_grad:   (g, w) -> dx
+# Each takes the layer (shapes, padding, precision, kernel variant) and computes exactly its
+# mathematical operation; they differ in how XLA's CPU backend runs them. "-split" variants cut
+# the batch into one slice per core (see split_batch).
+
+
+def forward_cpp(x, w, layer):
+    return kernels.conv_forward(_pad(x, layer.padding), w, layer.isa)
+
+
+def kernel_grad_cpp(x, g, layer):
+    return kernels.conv_kernel_grad(_pad(x, layer.padding), g, layer.kernel_shape, layer.isa)
+
+
+def input_grad_cpp(g, w, layer):
+    """The output gradient, padded so that the result has the input's size, convolved with the
+    kernel flipped in space and with in/out channels swapped."""
+    kh, kw = layer.kernel_shape[:2]
+    (t, b), (l, r) = layer.padding
+    gp = _pad(g, ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r)))
+    return kernels.conv_forward(gp, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), layer.isa)
+
+
+def forward_xla(x, w, layer):
+    return xla_conv(x, w, layer.padding, layer.precision)
+
+
+def kernel_grad_xla(x, g, layer):
+    w0 = jnp.zeros(layer.kernel_shape, g.dtype)  # the convolution is linear in w: any w will do
+    return jax.vjp(lambda w: xla_conv(x, w, layer.padding, layer.precision), w0)[1](g)[0]
+
+
+def input_grad_xla(g, w, layer):
+    x0 = jnp.zeros(layer.input_shape_for(g.shape[0]), g.dtype)
+    return jax.vjp(lambda x: xla_conv(x, w, layer.padding, layer.precision), x0)[1](g)[0]
+
+
+def forward_banded(x, w, layer):
+    return banded_conv(x, w, layer.padding, layer.precision)
+
+
+def kernel_grad_banded(x, g, layer):
+    w0 = jnp.zeros(layer.kernel_shape, g.dtype)
+    return jax.vjp(lambda w: banded_conv(x, w, layer.padding, layer.precision), w0)[1](g)[0]
+
+
+def kernel_grad_rows(x, g, layer):
+    return kernel_grad_by_rows(x, g, layer.kernel_shape, layer.padding, layer.precision)
+
+
+def _split(part: Callable, reduce: str) -> Callable:
+    """``part`` computed on batch slices (one per core): concatenated, or summed for a kernel
+    gradient (a sum over the batch)."""
+    def split_part(a, b, layer):
+        n = a.shape[0]
+        bounds = slice_bounds(n, dispatch.cores())
+        outs = [part(a[lo:hi], b[lo:hi] if reduce == "sum" else b, layer) for lo, hi in bounds]
+        if reduce == "sum":
+            return functools.reduce(jnp.add, outs)
+        return jnp.concatenate(outs, axis=0)
+    return split_part
+
+
+#: every implementation of each part; dispatch measures those that apply to a layer
+FORWARD: dict[str, Callable] = {"cpp": forward_cpp, "xla": forward_xla, "xla-split": _split(forward_xla, "concat"),
+                                "banded": forward_banded}
+KERNEL_GRAD: dict[str, Callable] = {"cpp": kernel_grad_cpp, "xla": kernel_grad_xla,
+                                    "xla-split": _split(kernel_grad_xla, "sum"), "rows": kernel_grad_rows,
+                                    "banded": kernel_grad_banded}
+INPUT_GRAD: dict[str, Callable] = {"cpp": input_grad_cpp, "xla": input_grad_xla,
+                                   "xla-split": _split(input_grad_xla, "concat")}
+PARTS = {"forward": FORWARD, "kernel_grad": KERNEL_GRAD, "input_grad": INPUT_GRAD}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d(x: jax.Array, w: jax.Array, layer: "dispatch.ConvLayer") -> jax.Array:
+    """Stride-1 convolution of an NHWC batch with an HWIO kernel, each part of it (forward,
+    kernel gradient, input gradient) by the implementation dispatch chose for ``layer``.
+
+    The choice for the gradients is looked up when the backward pass is traced, so a forward-only
+    use (evaluation) never measures them. Parts are independent: any forward can pair with any
+    gradient, and each computes the same mathematical operation.
+    """
+    return FORWARD[dispatch.choose(layer, "forward")](x, w, layer)
+
+
+def _conv2d_fwd(x, w, layer):
+    return conv2d(x, w, layer), (x, w)
+
+
+def _conv2d_bwd(layer, residuals, g):
+    x, w = residuals
+    grad_x = INPUT_GRAD[dispatch.choose(layer, "input_grad")](g, w, layer)
+    grad_w = KERNEL_GRAD[dispatch.choose(layer, "kernel_grad")](x, g, layer)
+    return grad_x, grad_w
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` (at most ``n``) near-equal ``[lo, hi)`` slices of a batch of ``n``."""
+    parts = max(1, min(parts, n))
+    edges = np.linspace(0, n, parts + 1).astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
 def split_batch(conv: Callable[[jax.Array], jax.Array], x: jax.Array, parts: int) -> jax.Array:
@@ -91,16 +180,10 @@ def split_batch(conv: Callable[[jax.Array], jax.Array], x: jax.Array, parts: int
     Why: XLA's CPU convolutions (YNNPACK kernels) and small matmuls run on one thread each, so
     a training step of these networks kept the second core of a 2-core machine mostly idle.
     Independent slices are independent operations, which XLA's CPU runtime executes
-    concurrently (forward, input gradient and the per-slice kernel gradients, which autodiff
-    then sums). Each output row is computed exactly as before; only the kernel gradient's sum
+    concurrently. Each output row is computed exactly as before; only a kernel gradient's sum
     over the batch is split into ``parts`` partial sums.
     """
-    n = x.shape[0]
-    parts = min(parts, n // CONV_MIN_SLICE)
-    if parts <= 1:
-        return conv(x)
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    return jnp.concatenate([conv(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], axis=0)
+    return jnp.concatenate([conv(x[lo:hi]) for lo, hi in slice_bounds(x.shape[0], parts)], axis=0)
 
 
 def band_width(out_width: int, out_channels: int) -> int:
@@ -150,35 +233,6 @@ def banded_conv(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tupl
     return out[:, :, :wo] if blocks * wb > wo else out
 
 
-def _xla_conv(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC_HWIO, precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_with_row_kernel_grad(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
-    """XLA's stride-1 convolution (forward and input gradient) with the kernel gradient from
-    :func:`kernel_grad_by_rows`.
-
-    Why: XLA's CPU kernel gradient for NetWidth's 32->64 layer on 16x16 maps takes about
-    20 ms per batch of 64, 4-5x its forward pass of the same FLOPs; as ``kh`` matmuls it takes
-    7-8 ms (NetWidth's training step +18%).
-    """
-    return _xla_conv(x, w, padding, precision)
-
-
-def _row_grad_fwd(x, w, padding, precision):
-    return _xla_conv(x, w, padding, precision), (x, w)
-
-
-def _row_grad_bwd(padding, precision, residuals, g):
-    x, w = residuals
-    grad_x = jax.vjp(lambda a: _xla_conv(a, w, padding, precision), x)[1](g)[0]
-    return grad_x, kernel_grad_by_rows(x, g, w.shape, padding, precision)
-
-
-conv_with_row_kernel_grad.defvjp(_row_grad_fwd, _row_grad_bwd)
-
-
 def kernel_grad_by_rows(x: jax.Array, g: jax.Array, kernel_shape, padding, precision=None) -> jax.Array:
     """The HWIO kernel gradient of a stride-1 NHWC convolution given the output gradient ``g``:
     ``dW[i, j, c, o] = sum over (n, y, x) of x_padded[n, y + i, x + j, c] * g[n, y, x, o]``.
@@ -197,38 +251,30 @@ def kernel_grad_by_rows(x: jax.Array, g: jax.Array, kernel_shape, padding, preci
     return jnp.stack(rows).reshape(kh, kw, c, o)
 
 
-#: windows up to this size find their first maximum by a chain of comparisons over the taps,
-#: larger ones by an argmax over the window. XLA's CPU fusion recomputes the chain inside every
-#: consumer, which is cheap for 2x2 (Net: +15% step over the argmax) and 16x the work for
-#: ConvNet's 4x4 (there the argmax is 2.2x faster).
-TAPS_ARGMAX_MAX_WINDOW = 4
-
-
 def max_pool(x: jax.Array, k: int) -> jax.Array:
     """``F.max_pool2d(x, k)`` (stride k, floor mode) on an NHWC batch.
 
-    Forward: the elementwise maximum of the k*k strided sub-grids ("taps") of the cropped input.
-    Backward (:func:`_pool_taps_bwd`): each window's gradient goes to the *first* tap, in
-    row-major window order, that equals the maximum -- PyTorch's rule on ties; plain autodiff of
-    a max would split it between tied elements. Why a custom VJP: XLA's CPU backend lowers the
-    gradient of ``reduce_window`` to select-and-scatter and that of reshape+max to a slow
-    reduction; saving the first maximum's index in the forward pass and scattering by one
-    elementwise comparison was measured 2-3x faster for the pool gradient (the largest
-    avoidable cost of the lab networks' training step on CPU). On CPU with flaxcnn's C++ kernels,
-    windows larger than 2x2 and windows that crop the input run as two C++ loops
-    (:func:`flaxcnn.kernels.max_pool`), measured at batch 64: ConvNet's 4x4 pool (XLA transposed
-    the whole activation into windows) +7%, SpeechNet's cropped 2x2 pools +21%; for the uncropped
-    2x2 pools of the CIFAR nets XLA's taps, fused with their producers, stay faster (Net -6%,
-    NetBatchNorm -9% with the C++ pool).
+    The gradient of each window goes to its *first* maximum in row-major window order --
+    PyTorch's rule on ties (plain autodiff of a max would split it between tied elements). On
+    CPU the implementation is the one :mod:`flaxcnn.models.dispatch` measured fastest for this
+    shape (see :data:`POOLS`); on other platforms XLA's taps (chosen at lowering, as for
+    convolutions).
     """
+    pool = dispatch.pool_layer(x.shape, k, x.dtype)
+    if pool is None:
+        return _taps_pool(_crop(x, k), k)
+    return lax.platform_dependent(x, cpu=lambda a: pool2d(a, pool), default=lambda a: _taps_pool(_crop(a, k), k))
+
+
+def _crop(x: jax.Array, k: int) -> jax.Array:
     n, h, w, c = x.shape
-    ho, wo = h // k, w // k
-    cropped = (ho * k, wo * k) != (h, w)
-    if (k * k > TAPS_ARGMAX_MAX_WINDOW or cropped) and kernels.supports_pool(x):
-        return kernels.max_pool(x, k)
-    if cropped:
-        x = x[:, : ho * k, : wo * k, :]
-    return _pool_taps(x, k)
+    return x[:, : h // k * k, : w // k * k, :]
+
+
+def _uncrop(dx: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A cropped input's gradient, zero-padded back to the input's shape (rows/columns past the
+    last window get no gradient)."""
+    return jnp.pad(dx, ((0, 0), (0, shape[1] - dx.shape[1]), (0, shape[2] - dx.shape[2]), (0, 0)))
 
 
 def _taps(x: jax.Array, k: int) -> list[jax.Array]:
@@ -236,38 +282,102 @@ def _taps(x: jax.Array, k: int) -> list[jax.Array]:
     return [x[:, i::k, j::k, :] for i in range(k) for j in range(k)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _pool_taps(x: jax.Array, k: int) -> jax.Array:
-    return functools.reduce(jnp.maximum, _taps(x, k))
+def _taps_pool(x: jax.Array, k: int) -> jax.Array:
+    return pool2d_taps_train(x, k)
 
 
-def _pool_taps_fwd(x: jax.Array, k: int):
-    """The pooled values and, as the residual, the row-major index of each window's first
-    maximum (PyTorch's choice on ties)."""
+def _first_by_taps(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    taps = _taps(x, k)
+    y = functools.reduce(jnp.maximum, taps)
+    first = jnp.full(y.shape, k * k, jnp.int32)
+    for t in reversed(range(k * k)):
+        first = jnp.where(taps[t] == y, t, first)
+    return y, first
+
+
+def _first_by_argmax(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     n, h, w, c = x.shape
-    if k * k <= TAPS_ARGMAX_MAX_WINDOW:
-        taps = _taps(x, k)
-        y = functools.reduce(jnp.maximum, taps)
-        first = jnp.full(y.shape, k * k, jnp.int32)
-        for t in reversed(range(k * k)):
-            first = jnp.where(taps[t] == y, t, first)
-    else:
-        windows = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // k, w // k, c, k * k)
-        y, first = jnp.max(windows, axis=-1), jnp.argmax(windows, axis=-1).astype(jnp.int32)
-    return y, (first, x.shape)
+    windows = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // k, w // k, c, k * k)
+    return jnp.max(windows, axis=-1), jnp.argmax(windows, axis=-1).astype(jnp.int32)
 
 
-def _pool_taps_bwd(k: int, residuals, g: jax.Array):
-    """One elementwise pass in the input's shape, seen as (N, H/k, k, W/k, k, C): an element
-    gets its window's gradient when its position in the window is the saved first maximum."""
-    first, (n, h, w, c) = residuals
+def _scatter_to_first(first: jax.Array, g: jax.Array, k: int) -> jax.Array:
+    """One elementwise pass in the (cropped) input's shape, seen as (N, H/k, k, W/k, k, C): an
+    element gets its window's gradient when its position in the window is the first maximum."""
+    n, ho, wo, c = g.shape
     position = (lax.broadcasted_iota(jnp.int32, (1, 1, k, 1, k, 1), 2) * k
                 + lax.broadcasted_iota(jnp.int32, (1, 1, k, 1, k, 1), 4))
     dx = jnp.where(position == first[:, :, None, :, None, :], g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-    return (dx.reshape(n, h, w, c),)
+    return dx.reshape(n, ho * k, wo * k, c)
 
 
-_pool_taps.defvjp(_pool_taps_fwd, _pool_taps_bwd)
+@dataclass(frozen=True)
+class PoolImpl:
+    """A max-pool formulation: the forward pass alone (evaluation), the forward pass with each
+    window's first maximum (row-major index in the window, PyTorch's tie rule) as the residual,
+    and the backward pass from that residual. All three formulations share the residual's
+    meaning, so each is a complete, exact max-pool."""
+
+    forward: Callable  # (x, pool) -> y
+    train_forward: Callable  # (x, pool) -> (y, first)
+    backward: Callable  # (first, g, pool, x_shape) -> dx
+
+
+def _xla_pool(find: Callable, forward: Callable) -> PoolImpl:
+    return PoolImpl(
+        forward=lambda x, pool: forward(_crop(x, pool.k), pool.k),
+        train_forward=lambda x, pool: find(_crop(x, pool.k), pool.k),
+        backward=lambda first, g, pool, shape: _uncrop(_scatter_to_first(first, g, pool.k), shape))
+
+
+#: the max-pool implementations dispatch measures. Why several: XLA's CPU backend lowers the
+#: gradient of ``reduce_window`` to select-and-scatter and that of reshape+max to a slow reduction,
+#: so each formulation saves the first maximum's index in the forward pass and writes the gradient
+#: in one elementwise pass. "taps" finds it by a chain of comparisons over the k*k strided taps
+#: (fused by XLA into the producer, recomputed in every consumer: cheap for 2x2, 16x the work for
+#: 4x4), "argmax" by an argmax over the window (one transpose of the activation), "cpp" by a C++
+#: loop (which also handles cropped windows without a copy; a NaN counts as the maximum, as in
+#: PyTorch's CPU kernel). Measured on the lab networks at batch 64 on an AVX-512 Xeon: taps
+#: fastest for the uncropped 2x2 pools of the CIFAR nets, cpp for ConvNet's 4x4 (+7% per step)
+#: and SpeechNet's cropped 2x2 pools (+21%).
+POOLS: dict[str, PoolImpl] = {
+    "cpp": PoolImpl(forward=lambda x, pool: kernels.max_pool_forward(x, pool.k, pool.isa)[0],
+                    train_forward=lambda x, pool: kernels.max_pool_forward(x, pool.k, pool.isa),
+                    backward=lambda first, g, pool, shape: kernels.max_pool_backward(first, g, pool.k, shape, pool.isa)),
+    "taps": _xla_pool(_first_by_taps, lambda x, k: functools.reduce(jnp.maximum, _taps(x, k))),
+    "argmax": _xla_pool(_first_by_argmax, lambda x, k: _first_by_argmax(x, k)[0]),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def pool2d(x: jax.Array, pool: "dispatch.PoolLayer") -> jax.Array:
+    """The max-pool by the implementation dispatch chose: for a forward pass alone (this body
+    runs only when nothing differentiates it: evaluation) the fastest forward pass; under
+    differentiation (:func:`_pool2d_fwd`) the fastest forward-and-backward pair."""
+    return POOLS[dispatch.choose(pool, "pool_forward")].forward(x, pool)
+
+
+def _pool2d_fwd(x, pool):
+    y, first = POOLS[dispatch.choose(pool, "pool")].train_forward(x, pool)
+    return y, (first, x.shape)
+
+
+def _pool2d_bwd(pool, residuals, g):
+    first, shape = residuals
+    return (POOLS[dispatch.choose(pool, "pool")].backward(first, g, pool, shape),)
+
+
+pool2d.defvjp(_pool2d_fwd, _pool2d_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def pool2d_taps_train(x: jax.Array, k: int) -> jax.Array:
+    """The taps max-pool of an uncropped batch on every platform (GPU/TPU, sharded steps)."""
+    return functools.reduce(jnp.maximum, _taps(x, k))
+
+
+pool2d_taps_train.defvjp(lambda x, k: (lambda yf: (yf[0], (yf[1], x.shape)))(_first_by_taps(x, k)),
+                         lambda k, res, g: (_scatter_to_first(res[0], g, k),))
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

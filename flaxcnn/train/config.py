@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from flaxcnn.train.augment import AugmentSettings
 
 PATHS = ("auto", "step", "scan")
+CONV_IMPLS = ("auto", "kernels", "xla")  # flaxcnn.models.dispatch.MODES
 SCHEDULES = ("constant", "cosine")
 
 
@@ -40,6 +41,7 @@ class TrainConfig:
     init: str = "torch"  # torch's U(+-1/sqrt(fan_in)) or flax's lecun_normal
     shuffle: bool = True  # lab 8 shuffles; the speech lab's DataLoader does not (use False to match)
     path: str = "auto"  # auto | step | scan (see flaxcnn.train.steps)
+    conv_impl: str = "auto"  # CPU convolutions/pools: auto (measured) | kernels | xla (flaxcnn.models.dispatch)
     eval_batch_size: int = 1000
     checkpoint_every: int = 1
     devices: int | None = None  # data parallel over this many local devices per process (None: all)
@@ -88,6 +90,8 @@ class TrainConfig:
         need(math.isfinite(self.l2) and self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         need(self.path in PATHS, f"--path must be one of {', '.join(PATHS)}, got {self.path!r}")
+        need(self.conv_impl in CONV_IMPLS,
+             f"--conv-impl must be one of {', '.join(CONV_IMPLS)}, got {self.conv_impl!r}")
         need(self.init in ("torch", "flax"), f"--init must be torch or flax, got {self.init!r}")
         need(self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxcnn import kernels
+from flaxcnn.models import dispatch
 from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.train import runlog
 from flaxcnn.train.checkpoint import Checkpoints
@@ -229,8 +229,8 @@ class ShardedEpochRunner(EpochRunner):
 
     def __init__(self, train_step: Callable[[TrainState, jax.Array, jax.Array], TrainState], path: str,
                  placement: Placement):
-        def step_with_xla_convolutions(*args):  # see flaxcnn.kernels.switched_off for why
-            with kernels.switched_off():
+        def step_with_xla_convolutions(*args):  # see flaxcnn.models.dispatch.switched_off for why
+            with dispatch.switched_off():
                 return train_step(*args)
 
         super().__init__(step_with_xla_convolutions, path, out_shardings=placement.replicated)

@@ -32,6 +32,7 @@ import optax
 from flaxcnn.data import Dataset, SplitArrays, dataset_domain, load_dataset
 from flaxcnn.data.batching import epoch_permutation
 from flaxcnn.errors import ConfigError, TrainingError
+from flaxcnn.models import dispatch
 from flaxcnn.models.registry import ModelSpec, get_model
 from flaxcnn.train import distributed
 from flaxcnn.train.augment import Augmenter
@@ -81,6 +82,8 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Sessio
     lr = learning_rate(config.lr, config.schedule, config.epochs * steps_per_epoch)
     tx = sgd(lr, config.momentum or 0.0, config.weight_decay)
     graphs, state = create_state(model, tx)
+    dispatch.set_mode(config.conv_impl)  # CPU implementations of convolutions and pools, traced below
+    dispatch.reset_used()
     path = default_path() if config.path == "auto" else config.path
     config = dataclasses.replace(config, path=path)
     settings = config.augment_settings()
@@ -235,6 +238,7 @@ def summarize(session: Session, state: TrainState, rows: list[dict], wall_second
         "train_size": len(session.dataset.train),
         "test_size": len(session.dataset.test),
         "data_source": session.dataset.source,
+        "cpu_implementations": dispatch.summary(),  # the setting, kernel variant and each layer's choice
     }
     if session.dataset.val is not None:
         val_eval = session.evaluate(state, "val")

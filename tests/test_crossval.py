@@ -94,7 +94,11 @@ def test_cv_command_end_to_end(tmp_path, capsys):
     args = ["cv", "--model", "speechnet", "--dataset", "speech", "--data-dir", str(root), "--epochs", "1",
             "--batch-size", "8", "--lr", "0.01", "--folds", "2", "--seeds", "0,1", "--time-shift", "3",
             "--out", str(out), "--quiet"]
+    assert main(args + ["--only-folds", "2"]) == 0  # one fold first, as a second process would
+    assert sorted(p.parent.name + "/" + p.name for p in out.glob("seed*/fold*")) == ["seed0/fold2", "seed1/fold2"]
+    before = (out / "seed0" / "fold2" / "summary.json").stat().st_mtime_ns
     assert main(args + ["--final"]) == 0
+    assert (out / "seed0" / "fold2" / "summary.json").stat().st_mtime_ns == before  # reused, not retrained
     result = json.loads((out / "cv.json").read_text())
     assert result["grouping"] == "speaker" and result["folds"] == 2 and result["seeds"] == [0, 1]
     assert sum(result["fold_sizes"]) == 36
@@ -110,11 +114,10 @@ def test_cv_command_end_to_end(tmp_path, capsys):
     assert "Held-out accuracy" in (out / "cv.md").read_text()
     final = json.loads((out / "final" / "summary.json").read_text())
     assert final["train_size"] == 36 and final["seed"] == 0 and "none held out" in final["test_split"]
-    # A second call reuses the finished runs instead of training again.
-    before = (out / "seed0" / "fold1" / "summary.json").stat().st_mtime_ns
-    assert main(args) == 0
-    assert (out / "seed0" / "fold1" / "summary.json").stat().st_mtime_ns == before
-    assert "already done" not in capsys.readouterr().out  # --quiet says nothing
+    with pytest.raises(SystemExit):
+        main(args + ["--only-folds", "x"])
+    assert main(args + ["--only-folds", "3"]) == 2
+    assert "--only-folds must name folds in 1..2" in capsys.readouterr().err
 
 
 def test_cv_refuses_speech_without_speakers_and_bad_fold_counts(tmp_path):

@@ -193,9 +193,12 @@ def fit_final(config: TrainConfig, out: str | Path, *, quiet: bool = False, pool
 
 
 def run_cv(config: TrainConfig, out: str | Path, *, folds: int = 5, seeds: list[int] | None = None,
-           fold_seed: int = FOLD_SEED, quiet: bool = False, final: bool = False) -> dict[str, Any]:
+           fold_seed: int = FOLD_SEED, quiet: bool = False, final: bool = False,
+           only_folds: list[int] | None = None) -> dict[str, Any]:
     """Train ``folds`` x ``seeds`` runs with :func:`flaxcnn.train.loop.fit`; write cv.json and cv.md.
-    ``final``: then train one model on every example into ``OUT/final`` (seed: the first seed)."""
+    ``final``: then train one model on every example into ``OUT/final`` (seed: the first seed).
+    ``only_folds`` (1-based): train just these folds, e.g. to spread one protocol over several
+    processes; a later call without it reuses their runs and summarises all folds."""
     from flaxcnn.train.loop import fit
 
     config.validate()
@@ -203,9 +206,12 @@ def run_cv(config: TrainConfig, out: str | Path, *, folds: int = 5, seeds: list[
     out = Path(out)
     pool = load_pool(config)
     fold_rows = make_folds(pool, folds, fold_seed)
+    wanted = set(only_folds) if only_folds else set(range(1, folds + 1))
+    if not wanted <= set(range(1, folds + 1)):
+        raise ConfigError(f"--only-folds must name folds in 1..{folds}, got {sorted(wanted)}")
     runs = []
     for seed in seeds:
-        for k in range(folds):
+        for k in (k for k in range(folds) if k + 1 in wanted):
             run_dir = out / f"seed{seed}" / f"fold{k + 1}"
             if (run_dir / "summary.json").exists():
                 summary = read_json(run_dir / "summary.json")

@@ -116,8 +116,8 @@ def test_the_sharded_step_is_traced_with_xla_convolutions(fresh_cache):
     assert "flaxcnn_" not in text and dispatch.used() == []
 
 
-def test_batches_are_measured_in_power_of_two_classes_up_to_256():
-    assert [dispatch.batch_class(n) for n in (1, 24, 64, 65, 200, 1000)] == [1, 32, 64, 128, 256, 256]
+def test_batches_are_measured_in_two_classes():
+    assert [dispatch.batch_class(n) for n in (1, 24, 64, 65, 200, 1000)] == [64, 64, 64, 128, 128, 128]
 
 
 @on_cpu

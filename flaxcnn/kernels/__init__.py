@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -200,17 +201,46 @@ def enabled() -> bool:
     return os.environ.get("FLAXCNN_FFI_CONV", "1") != "0"
 
 
+_builds: dict[str, concurrent.futures.Future] = {}
+_builds_lock = threading.Lock()
+
+
+def _ensure_built(isa: str) -> Path:
+    path = library_path(isa)
+    if not path.exists():
+        print(f"flaxcnn: compiling the {isa} CPU kernels into {path} (once per machine) ...",
+              file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        build(path, isa)
+        print(f"flaxcnn: compiled the {isa} CPU kernels in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
+    return path
+
+
+def start_build(isa: str | None = None) -> None:
+    """Starts building a variant (default: the selected one) in a background thread, if it is not
+    built yet, so that the compiler runs while the caller loads data and builds the model; the
+    first use of the kernels waits for it. Nothing happens when the kernels are switched off."""
+    if not enabled():
+        return
+    try:
+        isa = isa or selected_isa()
+    except KernelConfigError:
+        return  # reported when the kernels are first used
+    with _builds_lock:
+        if isa not in _builds and not library_path(isa).exists():
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flaxcnn-build")
+            _builds[isa] = pool.submit(_ensure_built, isa)
+            pool.shutdown(wait=False)
+
+
 @functools.cache
 def load(isa: str) -> bool:
     """Builds (once per machine) and registers one variant; False, with one warning, if that fails."""
     try:
-        path = library_path(isa)
-        if not path.exists():
-            print(f"flaxcnn: compiling the {isa} CPU kernels into {path} (once per machine) ...",
-                  file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            build(path, isa)
-            print(f"flaxcnn: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        with _builds_lock:
+            pending = _builds.pop(isa, None)
+        path = pending.result() if pending is not None else _ensure_built(isa)
         lib = ctypes.cdll.LoadLibrary(str(path))
         lib.FlaxcnnKernelIsa.restype = ctypes.c_char_p
         built_as = lib.FlaxcnnKernelIsa().decode()

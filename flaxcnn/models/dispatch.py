@@ -19,8 +19,10 @@ Setting (``--conv-impl`` / ``TrainConfig.conv_impl`` / ``$FLAXCNN_CONV_IMPL``):
              XLA formulation elsewhere
 ``xla``      the measured fastest XLA formulation; the C++ kernels are never used
 
-Batch sizes are measured in classes: the next power of two, at most 256 (a run's last partial
-batch and its evaluation batches are measured once each, not per size).
+Batch sizes are measured in two classes: 64 (every batch up to 64: the lab's batch and a run's
+last partial batch share one measurement) and 128 (every larger batch: the speech lab's 256,
+evaluation's 1000); per-sample costs at 128 stand for larger batches, and measuring those would
+multiply the one-time cost.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ import numpy as np
 from flaxcnn import kernels
 
 MODES = ("auto", "kernels", "xla")
-#: largest batch a measurement uses: larger batches (evaluation) share its choice
-MAX_MEASURED_BATCH = 256
+#: smallest and largest batch a measurement uses: smaller and larger batches share their choice
+MIN_MEASURED_BATCH, MAX_MEASURED_BATCH = 64, 128
 #: timing rounds per layer part (each times every remaining candidate once), the time after which
 #: no further round starts (at least three run), and how far behind the best a candidate may be
 #: after two rounds and still be timed: these bound the one-time cost of a new layer shape
-TIMED_ROUNDS, TIME_PER_LAYER_PART_S, HOPELESS_FACTOR = 7, 0.3, 3.0
+TIMED_ROUNDS, TIME_PER_LAYER_PART_S, HOPELESS_FACTOR = 7, 0.15, 3.0
 
 _lock = threading.RLock()
 _mode_override: str | None = None
@@ -59,6 +61,7 @@ _switched_off = threading.local()
 _choices: dict[str, dict[str, Any]] | None = None  # the cache file's content
 _used: dict[str, dict[str, str]] = {}  # what this process used, by layer description
 _announced = False
+_measuring_seconds = 0.0  # spent measuring in this process
 
 
 class DispatchConfigError(ValueError):
@@ -110,8 +113,8 @@ def cores() -> int:
 
 
 def batch_class(n: int) -> int:
-    """The batch size a batch of ``n`` is measured at: the next power of two, at most 256."""
-    return min(MAX_MEASURED_BATCH, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    """The batch size a batch of ``n`` is measured at: 64 up to 64, else 128."""
+    return min(MAX_MEASURED_BATCH, max(MIN_MEASURED_BATCH, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
 
 
 def _kernel_isa() -> str | None:
@@ -163,7 +166,7 @@ class ConvLayer:
         if cpp and mode() == "kernels":
             return ["cpp"]
         names = [name for name in ops.PARTS[part] if name != "cpp" or cpp]
-        if cores() < 2 or self.n < 2:
+        if cores() < 2:
             names = [name for name in names if not name.endswith("-split")]
         return names
 
@@ -328,7 +331,8 @@ def measure(layer: ConvLayer | PoolLayer, part: str, names: list[str]) -> dict[s
     """Times each candidate implementation of ``part`` on random data of the layer's shape (its
     batch class) on a CPU device, in a thread of its own (so that it is never staged into the
     function being traced), and returns the choice with the times in ms."""
-    global _announced
+    global _announced, _measuring_seconds
+    started = time.perf_counter()
     if not _announced:
         print(f"flaxcnn: timing CPU implementations of each new layer shape on this machine (once; "
               f"cached in {cache_path()})", file=sys.stderr, flush=True)
@@ -337,6 +341,7 @@ def measure(layer: ConvLayer | PoolLayer, part: str, names: list[str]) -> dict[s
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         times = pool.submit(_time_candidates, at, part, names).result()
     choice = min(times, key=times.get)
+    _measuring_seconds += time.perf_counter() - started
     return {"choice": choice, "ms": {name: round(t * 1e3, 4) for name, t in times.items()},
             "layer": at.describe(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -387,4 +392,4 @@ def summary() -> dict[str, Any]:
     except kernels.KernelConfigError as err:
         isa = f"invalid ({err})"
     return {"conv_impl": mode(), "kernel_isa": isa, "kernels_available": mode() != "xla" and _kernel_isa() is not None,
-            "cpu_cores": cores(), "layers": used()}
+            "cpu_cores": cores(), "measuring_seconds_this_process": round(_measuring_seconds, 2), "layers": used()}

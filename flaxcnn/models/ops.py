@@ -154,17 +154,20 @@ def conv2d(x: jax.Array, w: jax.Array, layer: "dispatch.ConvLayer") -> jax.Array
 
 
 def _conv2d_fwd(x, w, layer):
-    return conv2d(x, w, layer), (x, w)
+    """With symbolic zeros: a network's first convolution, whose input is data, is not asked for
+    an input gradient, and then none is chosen (nor measured) or computed."""
+    y = conv2d(x.value, w.value, layer)
+    return y, (x.value, w.value if x.perturbed else None, w.perturbed)
 
 
 def _conv2d_bwd(layer, residuals, g):
-    x, w = residuals
-    grad_x = INPUT_GRAD[dispatch.choose(layer, "input_grad")](g, w, layer)
-    grad_w = KERNEL_GRAD[dispatch.choose(layer, "kernel_grad")](x, g, layer)
+    x, w, w_perturbed = residuals
+    grad_x = None if w is None else INPUT_GRAD[dispatch.choose(layer, "input_grad")](g, w, layer)
+    grad_w = KERNEL_GRAD[dispatch.choose(layer, "kernel_grad")](x, g, layer) if w_perturbed else None
     return grad_x, grad_w
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd, symbolic_zeros=True)
 
 
 def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:

@@ -65,32 +65,51 @@ def _writing(manager: ocp.CheckpointManager, epoch: int) -> Iterator[None]:
 
 
 class Checkpoints:
-    """``save_latest``/``save_best`` after an epoch; ``restore_latest`` for ``--resume``."""
+    """``save_latest``/``save_best`` after an epoch; ``restore_latest`` for ``--resume``.
+
+    Saves are asynchronous (orbax's own async checkpointing): ``save`` copies the state to host
+    memory and returns, orbax writes it in a background thread, and the next save of the same
+    kind, ``close`` or any read first waits for it to finish (and reports its failure). orbax
+    commits a step by renaming its finished temporary folder, so a crash while a step is written
+    leaves the previous step as the latest: ``--resume`` loses at most the epoch being written.
+    Why: a synchronous save cost about 65 ms per epoch on 2 cores, more than the lab's Net
+    trains in an epoch of the shipped 600-image sample.
+    """
 
     def __init__(self, run_dir: str | os.PathLike):
         root = Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True, create=True)
         self.latest = ocp.CheckpointManager(root / "latest", options=options)
-        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
+        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True, create=True)
         self.best = ocp.CheckpointManager(root / "best", options=best_options)
         self.best_info_path = root / "best.json"
+        self._writing_epoch: dict[int, int] = {}  # id(manager) -> the epoch being written
+
+    def _finish(self, manager: ocp.CheckpointManager) -> None:
+        """Waits for the manager's save in flight; its failure as a TrainingError naming its epoch."""
+        epoch = self._writing_epoch.pop(id(manager), None)
+        with _writing(manager, epoch if epoch is not None else -1):
+            manager.wait_until_finished()
+
+    def _save(self, manager: ocp.CheckpointManager, epoch: int, state: TrainState, **kwargs) -> None:
+        self._finish(manager)
+        _drop_step(manager, epoch)
+        host = jax.tree.map(lambda x: np.array(x, copy=True), _to_savable(state))  # the state's buffers are
+        with _writing(manager, epoch):  # donated to the next step while this copy is written
+            manager.save(epoch, args=ocp.args.StandardSave(host), **kwargs)
+        self._writing_epoch[id(manager)] = epoch
 
     def save_latest(self, epoch: int, state: TrainState) -> None:
-        _drop_step(self.latest, epoch)
-        with _writing(self.latest, epoch):
-            self.latest.save(epoch, args=ocp.args.StandardSave(_to_savable(state)))
-            self.latest.wait_until_finished()
+        self._save(self.latest, epoch, state)
 
     def save_best(self, epoch: int, state: TrainState, info: dict) -> None:
-        _drop_step(self.best, epoch)
-        with _writing(self.best, epoch):
-            self.best.save(epoch, args=ocp.args.StandardSave(_to_savable(state)), force=True)
-            self.best.wait_until_finished()
+        self._save(self.best, epoch, state, force=True)
         tmp = self.best_info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"epoch": epoch, **info}, indent=2))
         os.replace(tmp, self.best_info_path)
 
     def latest_epoch(self) -> int | None:
+        self._finish(self.latest)
         return self.latest.latest_step()
 
     def restore(self, which: str, template: TrainState, epoch: int | None = None) -> tuple[int, TrainState]:
@@ -98,6 +117,7 @@ class Checkpoints:
         (a crash on a file system without atomic renames, a full disk) is reported on stderr and
         the step before it is used. TrainingError when no step can be read."""
         manager = self.latest if which == "latest" else self.best
+        self._finish(manager)
         steps = sorted(manager.all_steps(), reverse=True) if epoch is None else [epoch]
         if not steps:
             raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
@@ -116,9 +136,18 @@ class Checkpoints:
         raise TrainingError(f"no {which} checkpoint in {manager.directory} can be read ({'; '.join(problems)}); "
                             "start the run again with --overwrite")
 
+    def wait(self) -> None:
+        """Returns when every save in flight is on disk (a failure as a TrainingError)."""
+        self._finish(self.latest)
+        self._finish(self.best)
+
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        """Waits for the saves in flight (a failure is raised after both managers are closed)."""
+        try:
+            self.wait()
+        finally:
+            self.latest.close()
+            self.best.close()
 
 
 def best_metric(run_dir: str | os.PathLike) -> dict | None:

@@ -32,10 +32,11 @@ import optax
 from flaxcnn.data import Dataset, SplitArrays, dataset_domain, load_dataset
 from flaxcnn.data.batching import epoch_permutation
 from flaxcnn.errors import ConfigError, TrainingError
+from flaxcnn import kernels
 from flaxcnn.models import dispatch
 from flaxcnn.models.registry import ModelSpec, get_model
 from flaxcnn.train import distributed
-from flaxcnn.train.augment import Augmenter
+from flaxcnn.train.augment import augmenter_for
 from flaxcnn.train.checkpoint import Checkpoints
 from flaxcnn.train.config import TrainConfig
 from flaxcnn.train.optim import learning_rate, sgd
@@ -70,6 +71,8 @@ class Session:
 
 def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Session:
     """Resolve defaults, load data (unless given), build the model, optimizer and jitted steps."""
+    if jax.default_backend() == "cpu" and config.conv_impl != "xla":
+        kernels.start_build()  # a first run compiles the C++ kernels while data and model load
     domain = dataset_domain(config.dataset)
     spec = get_model(config.model)
     config = config.resolved(domain)
@@ -86,9 +89,7 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None) -> Sessio
     dispatch.reset_used()
     path = default_path() if config.path == "auto" else config.path
     config = dataclasses.replace(config, path=path)
-    settings = config.augment_settings()
-    augment = Augmenter(settings, config.seed) if settings.active else None
-    runner = EpochRunner(make_train_step(graphs, spec.loss, tx, config.l2, augment), path)
+    runner = EpochRunner(make_train_step(graphs, spec.loss, tx, config.l2, augmenter_for(config)), path)
     splits = {"train": dataset.train, "test": dataset.test}
     if dataset.val is not None:
         splits["val"] = dataset.val

@@ -8,9 +8,10 @@ Parts, in this order, each one command in processes of its own with a time box
 (:mod:`benchmarks.timebox`; a part that fails or overruns is recorded so, and the rest goes on):
 
 ``machine``        ``nvidia-smi`` facts, package versions, what JAX and PyTorch see.
-``parity``         ``python -m parity``: every registered model against its PyTorch reference,
-                   flaxcnn on JAX's default device (the GPU), the PyTorch reference on the CPU
-                   (the suite's reference), float32 with ``highest`` matmul precision, TF32 off.
+``parity``         the parity suite (``parity.checks.check_model``, what ``python -m parity``
+                   runs): every model against its PyTorch reference, flaxcnn on JAX's default
+                   device (the GPU), the PyTorch reference on the CPU (the suite's reference),
+                   float32 with ``highest`` matmul precision, TF32 off; batch 64, seed 0.
 ``throughput``     ``benchmarks.train_throughput --device gpu``: every model at batch 64 and 256,
                    PyTorch CUDA's lab loop and sliced tensors next to flaxcnn's ``step`` and ``scan``.
 ``net100``         ``flaxcnn train`` of lab 8's ``Net`` for 100 epochs on the real CIFAR-2 (``--data``).
@@ -49,7 +50,7 @@ from benchmarks.timebox import MIN_PART_SECONDS, Outcome, run_command, time_box
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the whole command must fit the 8 minutes a lent machine gives it, with room to write the report
 DEFAULT_BUDGET_S = 450.0
-#: dry runs (CPU, tiny sizes) only need a bound that catches a hang
+#: dry runs (CPU, tiny sizes) only need a bound that catches a hang: all parts share one deadline
 DRY_RUN_BUDGET_S = 900.0
 #: samples per epoch for the throughput parts: a multiple of 64 and 256, so that no partial last
 #: batch adds compiles (flaxcnn) or recompiles (torch.compile) to the warm-up
@@ -95,14 +96,13 @@ class Context:
 @dataclass(frozen=True)
 class Part:
     """One measurement: ``command(ctx)`` gives the command line, or a string saying why the part
-    is skipped; ``collect(ctx)`` reads what it wrote; exit statuses in ``ok_codes`` count as done."""
+    is skipped; ``collect(ctx)`` reads what it wrote (also after a failure or a time-out)."""
 
     name: str
     share_s: float
     command: Callable[[Context], list[str] | str]
     collect: Callable[[Context], Any]
     needs_gpu: bool = True
-    ok_codes: tuple[int, ...] = (0,)
 
 
 def _read_json(path: Path) -> Any:
@@ -193,10 +193,29 @@ def _machine_collect(ctx: Context) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the measurements
 
+def parity_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """(Child process.) The parity suite one model at a time (as ``python -m parity`` runs it),
+    its JSON rewritten after each model, so that a time box keeps the models already checked."""
+    from flaxcnn.models.registry import get_model
+    from parity.checks import check_model
+
+    results: list[dict[str, Any]] = []
+    for name in job["models"]:
+        results.append(check_model(get_model(name), batch=job["batch"], seed=0).as_json())
+        Path(job["out"]).write_text(json.dumps({
+            "models": results, "passed": all(r["passed"] for r in results), "batch": job["batch"], "seed": 0,
+            "complete": len(results) == len(job["models"])}, indent=2) + "\n")
+    return {"checked": len(results)}
+
+
 def _parity_command(ctx: Context) -> list[str]:
-    (ctx.out / "parity").mkdir(parents=True, exist_ok=True)
-    cmd = [ctx.python, "-m", "parity", "--json", str(ctx.out / "parity" / "parity.json")]
-    return cmd + (["--models", "net", "--batch", "8"] if ctx.dry_run else ["--models", *ctx.models])
+    folder = ctx.out / "parity"
+    folder.mkdir(parents=True, exist_ok=True)
+    job = {"models": ["net"] if ctx.dry_run else ctx.models, "batch": 8 if ctx.dry_run else 64,
+           "out": str(folder / "parity.json")}
+    (folder / "job.json").write_text(json.dumps(job))
+    return [ctx.python, "-m", "benchmarks.process", "benchmarks.gpu_check:parity_worker", str(folder / "job.json"),
+            str(folder / "worker.json")]
 
 
 def _throughput_args(ctx: Context, out_dir: str) -> list[str]:
@@ -252,8 +271,7 @@ def _sweep_command(ctx: Context) -> list[str]:
 
 PARTS = (
     Part("machine", 20, _machine_command, _machine_collect, needs_gpu=False),
-    Part("parity", 60, _parity_command, lambda ctx: _read_json(ctx.out / "parity" / "parity.json"),
-         ok_codes=(0, 1)),  # 1: the suite ran and a check failed, which the report shows
+    Part("parity", 60, _parity_command, lambda ctx: _read_json(ctx.out / "parity" / "parity.json")),
     Part("throughput", 160, _throughput_command,
          lambda ctx: _read_json(ctx.out / "throughput" / "train_throughput.json")),
     Part("net100", 60, _net100_command, _net100_collect),
@@ -267,18 +285,21 @@ PART_NAMES = tuple(p.name for p in PARTS)
 # ----------------------------------------------------------------------------- running
 
 def run_parts(ctx: Context, parts: tuple[Part, ...], budget_s: float,
-              on_part_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_part_done: Callable[[dict[str, Any]], None] | None = None, *, shared: bool = True
+              ) -> dict[str, Any]:
     """Run ``parts`` in order within ``budget_s`` seconds; the report after each part goes to
-    ``on_part_done``. Shares are scaled so that they add up to the budget."""
+    ``on_part_done``. ``shared``: each part gets its share (scaled so that the shares add up to
+    the budget) plus what the parts before it left; otherwise every part may use all the time
+    left (a dry run, where the only aim of a time box is to stop a hang)."""
     scale = budget_s / sum(p.share_s for p in parts)
-    shares = [p.share_s * scale for p in parts]
+    shares = [p.share_s * scale if shared else 0.0 for p in parts]
     start = time.perf_counter()
     report: dict[str, Any] = {
         "tool": "benchmarks.gpu_check", "dry_run": ctx.dry_run, "device": ctx.device,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": budget_s, "models": ctx.models,
         "data": str(ctx.data) if ctx.data else None, "cifar2": str(ctx.cifar) if ctx.cifar else None,
         "env": {**GPU_ENV, **({"JAX_PLATFORMS": "cpu"} if ctx.dry_run else {})},
-        "parts": {}, "complete": False,
+        "time_boxes": "shares" if shared else "one deadline", "parts": {}, "complete": False,
     }
     for i, part in enumerate(parts):
         box = time_box(shares, i, budget_s - (time.perf_counter() - start))
@@ -312,14 +333,11 @@ def run_part(ctx: Context, part: Part, box: float) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001
         entry["result"] = None
         entry["collect_error"] = f"{type(error).__name__}: {error}"
-    # another accepted exit status (parity's 1: a check failed) counts only with results written,
-    # since a crash exits with 1 too
-    accepted = outcome.returncode == 0 or (outcome.returncode in part.ok_codes and entry["result"] is not None)
-    status = "ok" if accepted else outcome.status
+    status = outcome.status
     entry.update(status=status, seconds=round(outcome.seconds, 1), returncode=outcome.returncode,
                  command=" ".join(cmd), log=str(log.relative_to(ctx.out)))
     if status != "ok":
-        entry["error"] = outcome.error or "no results written"
+        entry["error"] = outcome.error
         entry["log_tail"] = _tail(log)
     print(f"[gpu_check] {part.name}: {status} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
     return entry
@@ -399,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     parts = tuple(p for p in PARTS if p.name in args.parts)
-    report = run_parts(ctx, parts, budget, on_part_done=lambda partial: write_report(partial, ctx.out))
+    report = run_parts(ctx, parts, budget, on_part_done=lambda partial: write_report(partial, ctx.out),
+                       shared=not args.dry_run)
     write_report(report, ctx.out)
     statuses = ", ".join(f"{name} {entry['status']}" for name, entry in report["parts"].items())
     print(f"wrote {ctx.out / 'gpu_check.json'} and {ctx.out / 'gpu_check.md'} ({statuses})")

@@ -66,10 +66,14 @@ def machine_section(entry: dict[str, Any] | None) -> list[str]:
 
 def parity_section(entry: dict[str, Any] | None) -> list[str]:
     lines = ["## Parity", "",
-             "`python -m parity`: flaxcnn on JAX's default device, the PyTorch reference on the CPU; float32, "
-             "`jax_default_matmul_precision=highest`, TF32 off. Tolerances: forward 1e-6, gradients 1e-5.", ""]
+             "The parity suite (`python -m parity`'s checks): flaxcnn on JAX's default device, the PyTorch "
+             "reference on the CPU; float32, `jax_default_matmul_precision=highest`, TF32 off. Tolerances: "
+             "forward 1e-6, gradients 1e-5.", ""]
     result = (entry or {}).get("result")
     if result:
+        lines += [f"Batch {result.get('batch')}, seed {result.get('seed')}"
+                  + ("." if result.get("complete") else "; incomplete: the models below were checked before "
+                     "the part stopped."), ""]
         lines += ["| model | fwd max\\|Δ\\| | train max\\|Δ\\| | grad max\\|Δ\\| | shapes ok | round trip ok | passed |",
                   "|---|---:|---:|---:|---|---|---|"]
         for r in result["models"]:
@@ -155,8 +159,7 @@ def sweep_section(entry: dict[str, Any] | None) -> list[str]:
 def compile_section(entry: dict[str, Any] | None, dry_run: bool) -> list[str]:
     lines = ["## torch.compile", ""]
     if dry_run:
-        lines.append("Dry run: torch.compile is not timed (its CPU compiles take minutes); the part ran the same "
-                     "command without `--torch-compile`.")
+        lines.append("Dry run: torch.compile is not run (its CPU compiles take minutes).")
     result = (entry or {}).get("result")
     if result:
         done = sorted({r["model"] for r in result.get("results", []) if r["path"] == "torch-compile"

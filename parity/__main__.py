@@ -1,6 +1,8 @@
 """``python -m parity``: every registered model against its PyTorch reference.
 
-Prints a table, writes ``--json PATH`` if asked, exits 1 if any check fails.
+Prints a table, writes ``--json PATH`` if asked, exits 1 if any check fails. With ``--layers``,
+prints instead one layer-by-layer table per model (:mod:`parity.layers`) and exits 1 if any
+layer diverges.
 """
 
 from __future__ import annotations
@@ -34,6 +36,20 @@ def run(models: Sequence[str] | None = None, *, batch: int = 64, seed: int = 0) 
     return [check_model(get_model(name), batch=batch, seed=seed) for name in (models or list(MODELS))]
 
 
+def layers_main(models: Sequence[str], *, batch: int, seed: int) -> int:
+    """Print the layer report of each model; 0 when no layer diverges, else 1."""
+    from parity.layers import report_for_model
+
+    passed = True
+    for name in models:
+        report = report_for_model(name, batch=batch, seed=seed)
+        print(f"{name} (batch {batch}, seed {seed})")
+        print(report.format())
+        print()
+        passed &= report.passed
+    return 0 if passed else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -41,7 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64,
                         help="batch size (default 64: the lab's, and the batch the benchmarks time)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", action="store_true",
+                        help="layer-by-layer report: every layer's output, output gradient and buffers, "
+                             "and the first layer over tolerance")
     args = parser.parse_args(argv)
+    if args.layers:
+        if args.json:
+            parser.error("--json is not available with --layers")
+        return layers_main(args.models or list(MODELS), batch=args.batch, seed=args.seed)
     results = run(args.models, batch=args.batch, seed=args.seed)
     print(format_table(results))
     print(f"tolerances: forward {FORWARD_TOL:g}, train-mode forward {TRAIN_FORWARD_TOL:g}, gradients {GRAD_TOL:g} "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from flax import nnx
 
+from flaxcnn.convert import named_layers
 from flaxcnn.models.layers import Dropout
 
 
@@ -65,12 +66,17 @@ def record_torch_masks(model: torch.nn.Module):
 
 @contextmanager
 def replay_flax_masks(model: nnx.Module, masks: dict[str, list[np.ndarray]]):
-    """Make every flaxcnn dropout layer of ``model`` use the recorded masks, in call order."""
+    """Make every flaxcnn dropout layer of ``model`` use the recorded masks, in call order.
+
+    Layers are named as PyTorch names them (:func:`flaxcnn.convert.named_layers`: ``drop1``,
+    ``classifier.3`` for the fourth element of an ``nnx.Sequential``).
+    """
+    names = {id(layer): name for name, layer in named_layers(model)}
     patched = []
     for path, layer in nnx.iter_modules(model):
         if not isinstance(layer, Dropout):
             continue
-        name = ".".join(str(p) for p in path)
+        name = names.get(id(layer), ".".join(str(p) for p in path))
         queue = list(masks.get(name, []))
 
         def keep_mask(key, shape, _queue=queue, _name=name):

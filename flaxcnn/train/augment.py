@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from flaxcnn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flaxcnn.train.config import TrainConfig
 
 #: dB of power -> natural-log units: 10 * log10(P) dB = ln(P) * 10 / ln(10).
 NEPER_PER_DB = math.log(10.0) / 10.0
@@ -102,6 +106,12 @@ class Augmenter:
         if s.mixup:
             return mixup(k_mix, x, y, s.mixup)
         return Augmented(x, y, jnp.ones((), x.dtype))
+
+
+def augmenter_for(config: TrainConfig) -> Augmenter | None:
+    """The :class:`Augmenter` a :class:`~flaxcnn.train.config.TrainConfig` asks for, or None."""
+    settings = config.augment_settings()
+    return Augmenter(settings, config.seed) if settings.active else None
 
 
 def gain(key: jax.Array, x: jax.Array, max_db: float) -> jax.Array:

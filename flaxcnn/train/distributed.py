@@ -261,7 +261,9 @@ def data_parallel(session: "Session") -> "Session":
     if placement is None:
         return session
     check_batch_size(config.batch_size, placement.num_devices)
-    train_step = make_train_step(session.graphs, session.spec.loss, session.tx, config.l2)
+    from flaxcnn.train.augment import augmenter_for
+
+    train_step = make_train_step(session.graphs, session.spec.loss, session.tx, config.l2, augmenter_for(config))
     return dataclasses.replace(
         session,
         state=placement.replicate(session.state),

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 WARMUP_METHOD = "first epoch minus the median steady epoch"
+THROUGHPUT_METHOD = "the fastest of the timed epochs"
 EVAL_BATCH = 1000  # forward-only passes run in batches of this size (or the whole split if smaller)
 
 
@@ -33,7 +34,12 @@ def peak_rss_mb() -> float:
 
 
 def time_training(trainer: Trainer, samples: int, epochs: int) -> dict[str, Any]:
-    """One warm-up epoch (epoch 0), then ``epochs`` timed ones; throughput from their median."""
+    """One warm-up epoch (epoch 0), then ``epochs`` timed ones; throughput from the fastest.
+
+    Why the fastest and not the median: on a small shared VM the same epoch varies by 20% from
+    one run to the next, and interference only ever adds time, so the fastest epoch is the
+    estimate of the code's speed least moved by the neighbours (``timeit``'s reasoning); the
+    median is kept beside it (``samples_per_second_median``)."""
     seconds, losses = [], []
     for epoch in range(epochs + 1):
         start = time.perf_counter()
@@ -41,7 +47,9 @@ def time_training(trainer: Trainer, samples: int, epochs: int) -> dict[str, Any]
         seconds.append(time.perf_counter() - start)
     steady = statistics.median(seconds[1:])
     return {
-        "samples_per_second": samples / steady,
+        "samples_per_second": samples / min(seconds[1:]),
+        "samples_per_second_median": samples / steady,
+        "throughput_method": THROUGHPUT_METHOD,
         "warmup_seconds": seconds[0] - steady,
         "warmup_method": WARMUP_METHOD,
         "first_epoch_seconds": seconds[0],

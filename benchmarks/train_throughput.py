@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks.machine import load_average, machine_info
 from benchmarks.process import run_isolated
 from benchmarks.report import attach_ratios, bar_chart, markdown
-from benchmarks.timing import EVAL_BATCH, WARMUP_METHOD
+from benchmarks.timing import EVAL_BATCH, THROUGHPUT_METHOD, WARMUP_METHOD
 from flaxcnn.errors import ConfigError, FlaxcnnError
 from flaxcnn.models.registry import MODELS, get_model
 
@@ -95,7 +95,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "data_dirs": {"cifar": args.data_dir, "speech": args.speech_dir},
         "data": "real data for " + data + ", synthetic otherwise" if data else "synthetic N(0, 1) images",
         "process_per": args.process_per, "torch_threads": args.torch_threads,
-        "warmup_method": WARMUP_METHOD, "eval_batch": EVAL_BATCH,
+        "warmup_method": WARMUP_METHOD, "throughput_method": THROUGHPUT_METHOD, "eval_batch": EVAL_BATCH,
     }
 
 

@@ -9,7 +9,8 @@ code. So nothing here is a constant: the first time a layer shape is traced on a
 applicable implementation of the part being traced is compiled and timed on random data of that
 shape (the gradients only when a backward pass is traced), the fastest is kept, and the choice is
 cached in a JSON file beside the built kernels (``$FLAXCNN_CACHE_DIR``), keyed like them by the
-CPU, the kernel source and flags, the JAX version, and this module's and ``ops.py``'s source.
+CPU, the kernel source and flags, the JAX version, and by this module's and ``ops.py``'s source,
+the usable cores and ``$XLA_FLAGS`` (which change XLA's side of the comparison).
 Same machine, same cache, same seed: same implementations, same bits.
 
 Setting (``--conv-impl`` / ``TrainConfig.conv_impl`` / ``$FLAXCNN_CONV_IMPL``):
@@ -261,7 +262,7 @@ def cache_path() -> Path:
     isa = kernels.selected_isa()
     ops_source = Path(__file__).with_name("ops.py").read_bytes()
     key = hashlib.sha256(kernels.library_key(isa).encode() + Path(__file__).read_bytes() + ops_source
-                         + str(cores()).encode()).hexdigest()[:16]
+                         + str(cores()).encode() + os.environ.get("XLA_FLAGS", "").encode()).hexdigest()[:16]
     return kernels.cache_dir() / f"dispatch-{isa}-{key}.json"
 
 

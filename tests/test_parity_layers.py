@@ -176,6 +176,18 @@ def test_the_example_passes_the_suite_at_its_tolerances():
     assert result.dropout_masks_replayed == 1
 
 
+def test_side_by_side_training_stays_together():
+    from parity.examples.side_by_side import train_side_by_side
+
+    tmodel, fmodel = _vgg_pair()
+    rng = np.random.default_rng(2)
+    batches = [(_batch(seed), rng.integers(0, 2, 4)) for seed in (3, 4)]
+    rows = train_side_by_side(tmodel, fmodel, batches)
+    assert [r.step for r in rows] == [1, 2]
+    assert all(abs(r.torch_loss - r.flax_loss) <= FORWARD_TOL and r.max_abs_diff <= GRAD_TOL for r in rows)
+    assert rows[0].torch_loss != rows[1].torch_loss  # it did train on two different batches
+
+
 def test_cli_layers_report(capsys):
     assert parity_main(["--layers", "--models", "net", "--batch", "2"]) == 0
     out = capsys.readouterr().out

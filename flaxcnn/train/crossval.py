@@ -265,7 +265,8 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         lines.append(f"| {r['seed']} | {r['fold']} | {r['held_out']} | {r['held_out_accuracy']:.4f} | "
                      f"{r['train_accuracy']:.4f} | {r['seconds']:.0f} |")
+    spread = result["std_of_seed_means"]
+    seeds_note = "one seed" if math.isnan(spread) else f"std of the per-seed means {spread:.4f}"
     lines += ["", f"**Held-out accuracy {result['mean']:.4f} +- {result['std']:.4f}** (mean +- sample std over "
-                  f"{len(result['runs'])} runs; min {result['min']:.4f}, max {result['max']:.4f}; "
-                  f"std of the per-seed means {result['std_of_seed_means']:.4f}).", ""]
+                  f"{len(result['runs'])} runs; min {result['min']:.4f}, max {result['max']:.4f}; {seeds_note}).", ""]
     return "\n".join(lines)

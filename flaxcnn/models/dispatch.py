@@ -351,7 +351,7 @@ def _time_candidates(layer: ConvLayer | PoolLayer, part: str, names: list[str]) 
     """Best-of-several time per candidate, taken in rounds (one call of each candidate per round),
     so that a slow spell of the machine -- frequent on small shared VMs, where the same step can
     vary by 20% from one run to the next -- falls on every candidate alike rather than on one."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's own (jax.distributed lists all hosts')
     rng = np.random.default_rng(0)
     args = [jax.device_put(a, cpu) for a in layer.example(part, rng)]
     compiled = {}

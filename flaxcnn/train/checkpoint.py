@@ -73,14 +73,17 @@ class Checkpoints:
     commits a step by renaming its finished temporary folder, so a crash while a step is written
     leaves the previous step as the latest: ``--resume`` loses at most the epoch being written.
     Why: a synchronous save cost about 65 ms per epoch on 2 cores, more than the lab's Net
-    trains in an epoch of the shipped 600-image sample.
+    trains in an epoch of the shipped 600-image sample. ``asynchronous=False`` (a run over several
+    processes, where a save is a collective of all of them) saves the device arrays and waits.
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, *, asynchronous: bool = True):
         root = Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True, create=True)
+        self.asynchronous = asynchronous
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=asynchronous, create=True)
         self.latest = ocp.CheckpointManager(root / "latest", options=options)
-        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True, create=True)
+        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=asynchronous,
+                                                    create=True)
         self.best = ocp.CheckpointManager(root / "best", options=best_options)
         self.best_info_path = root / "best.json"
         self._writing_epoch: dict[int, int] = {}  # id(manager) -> the epoch being written
@@ -94,10 +97,14 @@ class Checkpoints:
     def _save(self, manager: ocp.CheckpointManager, epoch: int, state: TrainState, **kwargs) -> None:
         self._finish(manager)
         _drop_step(manager, epoch)
-        host = jax.tree.map(lambda x: np.array(x, copy=True), _to_savable(state))  # the state's buffers are
-        with _writing(manager, epoch):  # donated to the next step while this copy is written
-            manager.save(epoch, args=ocp.args.StandardSave(host), **kwargs)
+        tree = _to_savable(state)
+        if self.asynchronous:  # the state's buffers are donated to the next step while this copy is written
+            tree = jax.tree.map(lambda x: np.array(x, copy=True), tree)
+        with _writing(manager, epoch):
+            manager.save(epoch, args=ocp.args.StandardSave(tree), **kwargs)
         self._writing_epoch[id(manager)] = epoch
+        if not self.asynchronous:
+            self._finish(manager)
 
     def save_latest(self, epoch: int, state: TrainState) -> None:
         self._save(self.latest, epoch, state)

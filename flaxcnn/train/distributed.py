@@ -133,8 +133,9 @@ def metrics_log(path: Path) -> runlog.MetricsLog:
 
 def checkpoints(run_dir: Path) -> Checkpoints:
     """Every process saves through orbax (a collective: each array is written once, by the
-    process holding its first replica); only process 0 writes the ``best.json`` next to them."""
-    manager = Checkpoints(run_dir)
+    process holding its first replica), synchronously when there are several processes (the save
+    is a collective); only process 0 writes the ``best.json`` next to them."""
+    manager = Checkpoints(run_dir, asynchronous=jax.process_count() == 1)
     if not is_primary():
         manager.best_info_path = Path(tempfile.mkdtemp(prefix="flaxcnn-follower-")) / "best.json"
     return manager

@@ -119,10 +119,14 @@ def batch_class(n: int) -> int:
 
 
 def _kernel_isa() -> str | None:
-    """The C++ kernel variant to use, or None when the kernels are off or cannot be built."""
+    """The C++ kernel variant to use, or None when the kernels are off or cannot be built. On a
+    GPU/TPU host (where ``lax.platform_dependent`` still traces the CPU branch) an unbuilt
+    variant is not built: that branch then uses XLA's formulations, unmeasured (see choose)."""
     if mode() == "xla":
         return None
     isa = kernels.selected_isa()
+    if jax.default_backend() != "cpu" and not kernels.library_path(isa).exists():
+        return None
     return isa if kernels.available(isa) else None
 
 

@@ -20,10 +20,9 @@ Setting (``--conv-impl`` / ``TrainConfig.conv_impl`` / ``$FLAXCNN_CONV_IMPL``):
              XLA formulation elsewhere
 ``xla``      the measured fastest XLA formulation; the C++ kernels are never used
 
-Batch sizes are measured in two classes: 64 (every batch up to 64: the lab's batch and a run's
-last partial batch share one measurement) and 128 (every larger batch: the speech lab's 256,
-evaluation's 1000); per-sample costs at 128 stand for larger batches, and measuring those would
-multiply the one-time cost.
+Every batch size is measured at 64, the lab's batch: a run's last partial batch, the speech
+lab's 256 and evaluation's 1000 share that measurement (per-sample costs at 64 stand for them;
+measuring each size would multiply the one-time cost, which is bounded to keep a first run short).
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ import numpy as np
 from flaxcnn import kernels
 
 MODES = ("auto", "kernels", "xla")
-#: smallest and largest batch a measurement uses: smaller and larger batches share their choice
-MIN_MEASURED_BATCH, MAX_MEASURED_BATCH = 64, 128
+#: the batch every measurement uses (see the module docstring)
+MEASURED_BATCH = 64
 #: timing rounds per layer part (each times every remaining candidate once), the time after which
 #: no further round starts (at least three run), and how far behind the best a candidate may be
 #: after two rounds and still be timed: these bound the one-time cost of a new layer shape
@@ -114,8 +113,8 @@ def cores() -> int:
 
 
 def batch_class(n: int) -> int:
-    """The batch size a batch of ``n`` is measured at: 64 up to 64, else 128."""
-    return min(MAX_MEASURED_BATCH, max(MIN_MEASURED_BATCH, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+    """The batch size a batch of ``n`` is measured at (one class: :data:`MEASURED_BATCH`)."""
+    return MEASURED_BATCH
 
 
 def _kernel_isa() -> str | None:

@@ -12,6 +12,7 @@ from jax import lax
 from flaxcnn import kernels
 from flaxcnn.models import dispatch, ops
 from flaxcnn.models.ops import band_width, banded_conv, kernel_grad_by_rows, max_pool, split_batch
+from tests.test_kernels import _torch_conv as _torch_conv_with_input_grad
 
 
 def _torch_pool_grad(x, k, weights):
@@ -130,14 +131,9 @@ def test_other_convolutions_go_to_xla_unchanged(kwargs):
 
 
 def _torch_conv_all(x, w, padding, g):
-    """PyTorch's conv2d in float64: output, input gradient and kernel gradient, NHWC/HWIO."""
-    (t, b), (l, r) = padding
-    tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
-    tw = torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
-    out = torch.nn.functional.conv2d(torch.nn.functional.pad(tx, (l, r, t, b)), tw)
-    (out * torch.tensor(g.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
-    return {"forward": out.detach().numpy().transpose(0, 2, 3, 1), "input_grad": tx.grad.numpy().transpose(0, 2, 3, 1),
-            "kernel_grad": tw.grad.numpy().transpose(2, 3, 1, 0)}
+    """PyTorch's conv2d in float64 (``tests.test_kernels._torch_conv``) by part name."""
+    out, dx, dw = _torch_conv_with_input_grad(x, w, padding, g)
+    return {"forward": out, "input_grad": dx, "kernel_grad": dw}
 
 
 def _implementations():

@@ -118,15 +118,13 @@ def kernel_grad_rows(x, g, layer):
 
 
 def _split(part: Callable, reduce: str) -> Callable:
-    """``part`` computed on batch slices (one per core): concatenated, or summed for a kernel
-    gradient (a sum over the batch)."""
+    """``part`` computed on batch slices (one per core, :func:`split_batch`): concatenated, or
+    summed for a kernel gradient (a sum over the batch)."""
     def split_part(a, b, layer):
-        n = a.shape[0]
-        bounds = slice_bounds(n, dispatch.cores())
-        outs = [part(a[lo:hi], b[lo:hi] if reduce == "sum" else b, layer) for lo, hi in bounds]
         if reduce == "sum":
+            outs = [part(a[lo:hi], b[lo:hi], layer) for lo, hi in slice_bounds(a.shape[0], dispatch.cores())]
             return functools.reduce(jnp.add, outs)
-        return jnp.concatenate(outs, axis=0)
+        return split_batch(lambda piece: part(piece, b, layer), a, dispatch.cores())
     return split_part
 
 

@@ -27,8 +27,11 @@ def framework_info(framework: str, device: str, torch_threads: int | None = None
     if framework == "torch":
         from benchmarks.torch_paths import set_threads, torch_info
 
+        from flaxcnn import cpu_memory
+
         set_threads(torch_threads)
-        return {**torch_info(device), "torch_threads_set_by_option": torch_threads}
+        return {**torch_info(device), "torch_threads_set_by_option": torch_threads,
+                "torch_freed_memory": cpu_memory.state()}
     from benchmarks.flax_paths import jax_info, setup_jax
 
     setup_jax(device)

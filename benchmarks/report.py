@@ -85,7 +85,11 @@ def threads_note(machine: dict[str, Any]) -> str:
     threads = machine.get("torch_num_threads")
     forced = machine.get("torch_threads_set_by_option")
     noun = "thread" if threads == 1 else "threads"
-    return f"{threads} {noun}" + (" set by --torch-threads" if forced else ", torch's default")
+    memory = machine.get("torch_freed_memory")
+    allocator = "" if memory is None else (
+        "; glibc's allocator as installed" if not memory.startswith("kept")
+        else "; freed memory kept in the heap, as flaxcnn does (--torch-keep-freed-memory)")
+    return f"{threads} {noun}" + (" set by --torch-threads" if forced else ", torch's default") + allocator
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -98,7 +102,9 @@ def markdown(report: dict[str, Any]) -> str:
         + (f"after {m.get('loadavg_after')}" if report.get("complete", True)
            else f"at the last finished process {m.get('loadavg_latest')} (run incomplete)"),
         f"- torch {m.get('torch')} ({threads_note(m)}); jax {m.get('jax')} "
-        f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}); device {s['device']}",
+        f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}; freed memory "
+        f"{(m.get('flaxcnn_cpu_dispatch') or {}).get('freed_memory', 'unrecorded')}: see flaxcnn/cpu_memory.py); "
+        f"device {s['device']}",
         f"- CPU vector ISA: {', '.join(m.get('cpu_vector_flags') or []) or 'unknown'}; flaxcnn kernel variant "
         f"{(m.get('flaxcnn_cpu_dispatch') or {}).get('kernel_isa', 'unknown')}"
         + (f" (forced by FLAXCNN_KERNEL_ISA={m['kernel_isa_env']})" if m.get('kernel_isa_env') else "")

@@ -23,6 +23,7 @@ from benchmarks.machine import load_average, machine_info
 from benchmarks.process import run_isolated
 from benchmarks.report import attach_ratios, bar_chart, markdown
 from benchmarks.timing import EVAL_BATCH, THROUGHPUT_METHOD, WARMUP_METHOD
+from flaxcnn import cpu_memory
 from flaxcnn.errors import ConfigError, FlaxcnnError
 from flaxcnn.models.registry import MODELS, get_model
 
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a new process per framework and model (default), per framework, or per row")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads(N) in the PyTorch process (default: leave torch's own)")
+    p.add_argument("--torch-keep-freed-memory", action="store_true",
+                   help="give the PyTorch process flaxcnn's allocator setting (flaxcnn.cpu_memory) too; "
+                        "default: PyTorch as installed, with glibc's own")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only redraw the markdown and PNG from a JSON written earlier")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -95,6 +99,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "data_dirs": {"cifar": args.data_dir, "speech": args.speech_dir},
         "data": "real data for " + data + ", synthetic otherwise" if data else "synthetic N(0, 1) images",
         "process_per": args.process_per, "torch_threads": args.torch_threads,
+        "torch_keep_freed_memory": args.torch_keep_freed_memory,
         "warmup_method": WARMUP_METHOD, "throughput_method": THROUGHPUT_METHOD, "eval_batch": EVAL_BATCH,
     }
 
@@ -119,8 +124,13 @@ def plan_jobs(settings: dict[str, Any], init_dir: str) -> list[dict[str, Any]]:
 
 def worker_env(framework: str, settings: dict[str, Any]) -> dict[str, str]:
     """``--device cpu`` pins JAX to its CPU backend. Threads are left as they are unless
-    ``--torch-threads`` says otherwise (applied by the torch worker, recorded in "machine")."""
-    return {"JAX_PLATFORMS": "cpu"} if framework == "flaxcnn" and settings["device"] == "cpu" else {}
+    ``--torch-threads`` says otherwise (applied by the torch worker, recorded in "machine").
+    The PyTorch worker imports flaxcnn (the registry), which would apply flaxcnn's allocator
+    setting (:mod:`flaxcnn.cpu_memory`) to PyTorch too: it is off there unless
+    ``--torch-keep-freed-memory``, so that PyTorch runs as installed."""
+    if framework == "torch":
+        return {cpu_memory.ENV: "1" if settings.get("torch_keep_freed_memory") else "0"}
+    return {"JAX_PLATFORMS": "cpu"} if settings["device"] == "cpu" else {}
 
 
 def run(settings: dict[str, Any], on_job_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

@@ -10,7 +10,9 @@ applicable implementation of the part being traced is compiled and timed on rand
 shape (the gradients only when a backward pass is traced), the fastest is kept, and the choice is
 cached in a JSON file beside the built kernels (``$FLAXCNN_CACHE_DIR``), keyed like them by the
 CPU, the kernel source and flags, the JAX version, and by this module's and ``ops.py``'s source,
-the usable cores and ``$XLA_FLAGS`` (which change XLA's side of the comparison).
+the usable cores, ``$XLA_FLAGS`` (which change XLA's side of the comparison) and whether freed
+memory is kept in the heap (:mod:`flaxcnn.cpu_memory`, applied before anything is measured: without
+it, every step page-faults its buffers and a measurement would time the faults).
 Same machine, same cache, same seed: same implementations, same bits.
 
 Setting (``--conv-impl`` / ``TrainConfig.conv_impl`` / ``$FLAXCNN_CONV_IMPL``):
@@ -45,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxcnn import kernels
+from flaxcnn import cpu_memory, kernels
 
 MODES = ("auto", "kernels", "xla")
 #: the batch every measurement uses (see the module docstring)
@@ -265,7 +267,8 @@ def cache_path() -> Path:
     isa = kernels.selected_isa()
     ops_source = Path(__file__).with_name("ops.py").read_bytes()
     key = hashlib.sha256(kernels.library_key(isa).encode() + Path(__file__).read_bytes() + ops_source
-                         + str(cores()).encode() + os.environ.get("XLA_FLAGS", "").encode()).hexdigest()[:16]
+                         + str(cores()).encode() + os.environ.get("XLA_FLAGS", "").encode()
+                         + cpu_memory.keep_freed_memory().encode()).hexdigest()[:16]
     return kernels.cache_dir() / f"dispatch-{isa}-{key}.json"
 
 
@@ -311,6 +314,7 @@ def choose(layer: ConvLayer | PoolLayer, part: str) -> str:
     "pool") for
     ``layer``: the only candidate, the cached choice, or the fastest on a measurement now."""
     with _lock:
+        cpu_memory.keep_freed_memory()
         names = layer.candidates(part)
         key = f"{layer.key()} | {part}"
         if len(names) == 1:
@@ -396,4 +400,5 @@ def summary() -> dict[str, Any]:
     except kernels.KernelConfigError as err:
         isa = f"invalid ({err})"
     return {"conv_impl": mode(), "kernel_isa": isa, "kernels_available": mode() != "xla" and _kernel_isa() is not None,
-            "cpu_cores": cores(), "measuring_seconds_this_process": round(_measuring_seconds, 2), "layers": used()}
+            "cpu_cores": cores(), "freed_memory": cpu_memory.state(),
+            "measuring_seconds_this_process": round(_measuring_seconds, 2), "layers": used()}

@@ -129,3 +129,28 @@ def test_cv_refuses_speech_without_speakers_and_bad_fold_counts(tmp_path):
     with pytest.raises(ConfigError, match="--folds must be an integer >= 2"):
         crossval.run_cv(with_speakers, tmp_path / "cv", folds=1, quiet=True)
     assert not (tmp_path / "cv").exists()
+
+
+def _cv_result(seeds: list[int], accuracies: dict[tuple[int, int], float], **config) -> dict:
+    runs = [{"seed": s, "fold": f, "run_dir": f"r/seed{s}/fold{f}", "held_out": 10, "held_out_accuracy": a,
+             "train_accuracy": 1.0, "seconds": 1.0} for (s, f), a in sorted(accuracies.items())]
+    return {"config": {"model": "speechresnet", "lr": 0.02, "seed": seeds[0], "out": "x", **config},
+            "data": "d", "folds": 2, "fold_seed": 42, "grouping": "speaker", "fold_sizes": [10, 10],
+            "seeds": seeds, "runs": runs, **crossval.aggregate(runs)}
+
+
+def test_merge_joins_seeds_of_one_protocol_and_refuses_another():
+    a = _cv_result([0, 1], {(0, 1): 0.9, (0, 2): 0.8, (1, 1): 0.7, (1, 2): 0.6})
+    b = _cv_result([2], {(2, 1): 1.0, (2, 2): 0.5}, out="elsewhere")
+    merged = crossval.merge([b, a])
+    assert merged["seeds"] == [0, 1, 2] and len(merged["runs"]) == 6
+    assert [(r["seed"], r["fold"]) for r in merged["runs"]] == [(s, f) for s in (0, 1, 2) for f in (1, 2)]
+    accs = np.array([0.9, 0.8, 0.7, 0.6, 1.0, 0.5])
+    assert merged["mean"] == pytest.approx(accs.mean()) and merged["std"] == pytest.approx(accs.std(ddof=1))
+    assert crossval.merge([a, a])["runs"] == a["runs"]  # the same run twice is one run
+    with pytest.raises(ConfigError, match=r"other settings than the first \(lr\)"):
+        crossval.merge([a, _cv_result([2], {(2, 1): 1.0}, lr=0.1)])
+    with pytest.raises(ConfigError, match="differs from the first in 'fold_seed'"):
+        crossval.merge([a, {**b, "fold_seed": 7}])
+    with pytest.raises(ConfigError, match="seed 0 fold 1 appears twice with different held-out accuracies"):
+        crossval.merge([a, _cv_result([0], {(0, 1): 0.1})])

@@ -236,6 +236,40 @@ def run_cv(config: TrainConfig, out: str | Path, *, folds: int = 5, seeds: list[
     return result
 
 
+#: what must agree for runs of several cv.json files to be one protocol
+_PROTOCOL = ("data", "folds", "fold_seed", "grouping", "fold_sizes")
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cross-validation from several ``cv.json`` results of the same protocol (the same data,
+    folds and settings, different seeds or folds: one protocol spread over machines or days).
+    A run (seed, fold) given twice must agree; anything else that differs is refused by name."""
+    if not results:
+        raise ConfigError("nothing to merge: give at least one cv.json")
+    first = results[0]
+    settings = {k: v for k, v in first["config"].items() if k not in ("seed", "out")}
+    runs: dict[tuple[int, int], dict] = {}
+    for index, result in enumerate(results):
+        for key in _PROTOCOL:
+            if result.get(key) != first.get(key):
+                raise ConfigError(f"cv result {index + 1} differs from the first in {key!r}: "
+                                  f"{result.get(key)!r} != {first.get(key)!r}; only one protocol can be merged")
+        other = {k: v for k, v in result["config"].items() if k not in ("seed", "out")}
+        differing = sorted(k for k in settings.keys() | other.keys() if settings.get(k) != other.get(k))
+        if differing:
+            raise ConfigError(f"cv result {index + 1} was trained with other settings than the first "
+                              f"({', '.join(differing)}); only one protocol can be merged")
+        for run in result["runs"]:
+            key = (run["seed"], run["fold"])
+            if key in runs and runs[key]["held_out_accuracy"] != run["held_out_accuracy"]:
+                raise ConfigError(f"seed {key[0]} fold {key[1]} appears twice with different held-out "
+                                  f"accuracies ({runs[key]['held_out_accuracy']} and {run['held_out_accuracy']})")
+            runs[key] = run
+    ordered = [runs[k] for k in sorted(runs)]
+    seeds = sorted({seed for seed, _ in runs})
+    return {**{k: first[k] for k in ("config", *_PROTOCOL)}, "seeds": seeds, "runs": ordered, **aggregate(ordered)}
+
+
 def aggregate(runs: list[dict]) -> dict[str, Any]:
     """Mean and sample standard deviation (ddof=1) of held-out accuracy over all runs, and the
     standard deviation of the per-seed means (how much the whole protocol moves with the seed)."""

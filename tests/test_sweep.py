@@ -164,6 +164,21 @@ def test_a_vmap_member_evaluates_and_resumes_like_a_train_run(two_sweeps):
     assert resumed["epochs"] == 3
 
 
+def test_vmap_members_augment_like_their_sequential_runs(tmp_path):
+    """Augmentation (mixup here) is part of the shared step: each stacked member draws its own
+    seed's stream, as its ``flaxcnn train`` run does."""
+    base = dataclasses.replace(BASE, epochs=1, mixup=0.4)
+    dataset = _dataset()
+    for strategy, seeds in (("vmap", [0, 1]), ("sequential", [1]), ("plain", [1])):
+        config = dataclasses.replace(base, mixup=0.0) if strategy == "plain" else base
+        run_sweep(config, tmp_path / strategy, seeds=seeds, lrs=[0.03], strategy=strategy.replace("plain", "vmap"),
+                  quiet=True, dataset=dataset)
+    member = "seed1-lr0.03-wd0"
+    vm, seq, plain = (load_run(tmp_path / s / member, dataset=dataset)[1] for s in ("vmap", "sequential", "plain"))
+    assert _max_diff(vm.params, seq.params) <= 1e-5
+    assert _max_diff(vm.params, plain.params) > 1e-4
+
+
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_sweep_writes_the_runs_and_a_diverging_member_fails_alone(tmp_path, capsys):

@@ -29,7 +29,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     """One option per settable :class:`~flaxcnn.train.config.TrainConfig` field, generated from
     the field: flag, type, choices, help and default. Unset options stay None (see
     :func:`config_from_args`)."""
-    from flaxcnn.train.config import GROUPS, default_text, flag_of, settings, value_type
+    from flaxcnn.train.config import GROUPS, flag_of, help_text, settings, value_type
 
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f, s in settings():
@@ -37,16 +37,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         if flag is None:
             continue
         target = p if s.group is None else groups.setdefault(s.group, p.add_argument_group(GROUPS[s.group]))
-        names = f"one of: {', '.join(s.names())}; " if s.names else ""
-        default = default_text(f.name)
-        help_text = f"{s.help} ({names}default {default})" if default else (f"{s.help} ({names[:-2]})" if names
-                                                                             else s.help)
-        if value_type(f.name) is bool:  # a switch that turns the default off
+        if value_type(f.name) is bool:  # a switch away from the default
             target.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", default=None,
-                                help=help_text)
-            continue
-        target.add_argument(flag, dest=f.name, type=s.parse or value_type(f.name), choices=s.choices or None,
-                            metavar=s.metavar, default=None, help=help_text)
+                                help=help_text(f.name))
+        else:
+            target.add_argument(flag, dest=f.name, type=s.parse or value_type(f.name), choices=s.choices or None,
+                                metavar=s.metavar, default=None, help=help_text(f.name))
 
 
 def _add_process_options(p: argparse.ArgumentParser) -> None:
@@ -73,12 +69,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _run_name(config) -> str:
-    """MODEL-DATASET, the model resolved for the data set (``--dataset speech`` trains convnet)."""
-    from flaxcnn.data import dataset_domain
-    from flaxcnn.train.config import lab_default
-
-    model = config.model or lab_default("model", dataset_domain(config.dataset))
-    return f"{model}-{config.dataset}"
+    """MODEL-DATASET, with the model the data set defaults to (``--dataset speech``: convnet)."""
+    return f"{config.resolved().model}-{config.dataset}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -294,15 +294,16 @@ def check_setting(name: str, value: Any) -> None:
         raise ConfigError(f"{label} must be {s.rule.text}, got {value}")
 
 
-def default_text(name: str) -> str:
-    """The default as the help says it ("" when there is nothing to say), per domain where the
-    labs differ: ``100 for lab 8, 150 for speech``."""
+def help_text(name: str) -> str:
+    """A field's command-line help: what it is, the names it takes, its default (per domain where
+    the labs differ: ``default 100 for lab 8, 150 for speech``)."""
     f, s = _by_name()[name]
+    notes = [f"one of: {', '.join(s.names())}"] if s.names else []
     if s.lab:
-        return ", ".join(f"{s.lab[domain]} for {DOMAIN_LABELS[domain]}" for domain in s.lab)
-    if isinstance(f.default, bool) or f.default in (None, 0, ""):
-        return ""
-    return str(f.default)
+        notes.append("default " + ", ".join(f"{s.lab[domain]} for {DOMAIN_LABELS[domain]}" for domain in s.lab))
+    elif not isinstance(f.default, bool) and f.default not in (None, 0, ""):
+        notes.append(f"default {f.default}")
+    return f"{s.help} ({'; '.join(notes)})" if notes else s.help
 
 
 def as_options(overrides: dict[str, Any]) -> str:

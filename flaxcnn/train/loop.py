@@ -49,7 +49,7 @@ from flaxcnn.train.config import TrainConfig
 from flaxcnn.train.optim import learning_rate, learning_rate_of, sgd, stackable_sgd, transplant
 from flaxcnn.train.plots import plot_curves
 from flaxcnn.train.progress import EpochProgress, is_interactive, say
-from flaxcnn.train.runlog import read_json, write_json
+from flaxcnn.train.runlog import read_run_config, write_json
 from flaxcnn.train.state import Graphs, TrainState, create_state, split_model, stack, unstack
 from flaxcnn.train.steps import EpochRunner, Evaluator, default_path, make_train_step
 
@@ -327,7 +327,7 @@ def fit(config: TrainConfig, *, resume: bool = False, quiet: bool = False, overw
     quiet = quiet or not distributed.is_primary()  # several processes: process 0 speaks and writes
     run_dir = distributed.prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
     if resume and (run_dir / "config.json").exists():
-        config = config.for_resume(TrainConfig.from_json(read_json(run_dir / "config.json")["config"]))
+        config = config.for_resume(TrainConfig.from_json(read_run_config(run_dir)["config"]))
     session = build_session(config, dataset)
     say(f"data: {session.dataset.source}; training on {distributed.describe(session.config.devices)}", quiet=quiet)
     record = RunRecord.open(session.config, run_dir, session.dataset)
@@ -383,9 +383,7 @@ def load_run(run_dir: str | Path, which: str = "latest", dataset: Dataset | None
              data_dir: str | None = None) -> tuple[Session, TrainState, int]:
     """Rebuild a run's session and restore a checkpoint (``latest`` or ``best``)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise ConfigError(f"{run_dir} is not a flaxcnn run directory (no config.json)")
-    config = TrainConfig.from_json(read_json(run_dir / "config.json")["config"])
+    config = TrainConfig.from_json(read_run_config(run_dir)["config"])
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
     session = build_session(config, dataset)

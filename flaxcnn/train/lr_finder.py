@@ -78,6 +78,9 @@ def run_sweep(session: Session, *, start_lr: float, end_lr: float, num_iter: int
     if diverge_th < 1:
         raise ConfigError(f"diverge_th must be >= 1, got {diverge_th}")
     config = session.config
+    if config.schedule != "constant":  # a schedule would overrule the rate the sweep sets at each step
+        raise ConfigError(f"the LR finder sets the learning rate itself: its session needs --schedule constant, "
+                          f"not {config.schedule!r}")
     x, y = session.device_arrays["train"]
     num_iter = num_iter or -(-len(y) // config.batch_size)  # one epoch
     if num_iter < 1:
@@ -115,8 +118,9 @@ def _batches(session: Session) -> Iterator[np.ndarray]:
 def find_lr(config: TrainConfig, *, start_lr: float = 1e-8, end_lr: float = 1e-3, num_iter: int | None = None,
             diverge_th: float = 1.05, smooth_f: float = 0.05, out: str | None = "lr_finder.png",
             quiet: bool = False) -> LRFinderResult:
-    """Run the sweep on a fresh session of ``config`` and plot it (defaults: the speech lab's)."""
-    session = build_session(dataclasses.replace(config, path="step"))
+    """Run the sweep on a fresh session of ``config`` and plot it (defaults: the speech lab's).
+    The sweep sets the learning rate itself, so ``config``'s schedule does not apply to it."""
+    session = build_session(dataclasses.replace(config, path="step", schedule="constant"))
     result = run_sweep(session, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, smooth_f=smooth_f,
                        diverge_th=diverge_th)
     if out:

@@ -253,10 +253,10 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
                           f"or fewer devices: {ok} devices in all would divide it")
 
 
-Session = TypeVar("Session")
+SessionT = TypeVar("SessionT")  # a flaxcnn.train.loop.Session, which this module does not import
 
 
-def data_parallel(session: Session) -> Session:
+def data_parallel(session: SessionT) -> SessionT:
     """The session (:class:`flaxcnn.train.loop.Session`) spread over ``config.devices`` devices
     per process: state and data replicated, its runner's train step run by a
     :class:`ShardedEpochRunner`. One device in one process: the session itself, unchanged."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +106,10 @@ def stack_states(session: Session, configs: Sequence[TrainConfig]) -> TrainState
     return initial_states(session.spec, session.config.num_classes or session.dataset.num_classes, configs)
 
 
-def VmapRunner(train_step, path: str) -> EpochRunner:  # noqa: N802 - the name benchmarks/scaling.py uses
-    """The engine's :class:`~flaxcnn.train.steps.EpochRunner` over K stacked models."""
+def VmapRunner(train_step: Callable[[TrainState, jax.Array, jax.Array], TrainState], path: str  # noqa: N802
+               ) -> EpochRunner:
+    """The engine's :class:`~flaxcnn.train.steps.EpochRunner` over K stacked models (the name
+    ``benchmarks/scaling.py`` uses)."""
     return EpochRunner(train_step, path, stacked=True)
 
 

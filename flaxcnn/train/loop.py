@@ -49,7 +49,7 @@ from flaxcnn.train.config import TrainConfig
 from flaxcnn.train.optim import learning_rate, learning_rate_of, sgd, stackable_sgd, transplant
 from flaxcnn.train.plots import plot_curves
 from flaxcnn.train.progress import EpochProgress, is_interactive, say
-from flaxcnn.train.runlog import read_run_config, write_json
+from flaxcnn.train.runlog import MetricsLog, read_run_config, write_json
 from flaxcnn.train.state import Graphs, TrainState, create_state, split_model, stack, unstack
 from flaxcnn.train.steps import EpochRunner, Evaluator, default_path, make_train_step
 
@@ -199,7 +199,7 @@ class RunRecord:
 
     config: TrainConfig
     run_dir: Path
-    log: Any = field(init=False)
+    log: MetricsLog = field(init=False)
     checkpoints: Checkpoints = field(init=False)
     rows: list[dict] = field(default_factory=list)
     best: float = -math.inf

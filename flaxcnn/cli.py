@@ -11,14 +11,6 @@ from collections.abc import Sequence
 from flaxcnn.errors import ConfigError, FlaxcnnError
 
 
-def _classes(text: str) -> tuple[int, ...]:
-    try:
-        ids = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--classes takes comma-separated CIFAR-10 label ids, e.g. 3,5; got {text!r}")
-    return ids
-
-
 def _number_list(kind: type, flag: str):
     def parse(text: str) -> list:
         try:
@@ -34,42 +26,23 @@ def _number_list(kind: type, flag: str):
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
-    from flaxcnn.data import DATASETS
-    from flaxcnn.models.registry import MODELS
+    """One option per settable :class:`~flaxcnn.train.config.TrainConfig` field, generated from
+    the field: flag, type, choices, help and default. Unset options stay None (see
+    :func:`config_from_args`)."""
+    from flaxcnn.train.config import GROUPS, flag_of, help_text, settings, value_type
 
-    p.add_argument("--preset", help="a named lab run (see `flaxcnn presets`); explicit options override it")
-    p.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default net)")
-    p.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)} (default cifar2)")
-    p.add_argument("--classes", type=_classes, help="CIFAR-10 label ids to train on, e.g. 3,5 (default 0,2)")
-    p.add_argument("--data-dir", help="data folder; CIFAR without it: a tfds copy if prepared, else the shipped sample")
-    p.add_argument("--split", choices=["lab", "speaker", "official"], help="speech split (default lab)")
-    p.add_argument("--val-fraction", type=float, help="CIFAR: hold out this fraction of train as validation")
-    p.add_argument("--epochs", type=int, help="default 100 (lab 8) / 150 (speech)")
-    p.add_argument("--batch-size", type=int, help="default 64 (lab 8) / 256 (speech)")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.01 for lab 8, 0.001 for speech)")
-    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
-    p.add_argument("--momentum", type=float, help="SGD momentum (default 0 for lab 8, 0.9 for speech)")
-    p.add_argument("--weight-decay", type=float, help="torch SGD weight_decay")
-    p.add_argument("--l2", type=float, help="lab 8's explicit penalty lambda * sum of parameter L2 norms")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--init", choices=["torch", "flax"], help="weight init (default torch's)")
-    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=None,
-                   help="keep the training order fixed (the speech lab's DataLoader does not shuffle)")
-    p.add_argument("--path", choices=["auto", "step", "scan"], help="training loop path (default: by backend)")
-    p.add_argument("--conv-impl", choices=["auto", "kernels", "xla"],
-                   help="CPU convolutions and pools: auto (the fastest measured on this machine, default), "
-                        "kernels (flaxcnn's C++ kernels wherever they apply), xla (XLA's formulations only)")
-    p.add_argument("--checkpoint-every", type=int, help="save the latest checkpoint every N epochs (default 1)")
-    p.add_argument("--devices", type=int, help="data parallel over this many local devices per process; the "
-                   "global batch is split over them (default: all local devices)")
-    g = p.add_argument_group("augmentation (training batches only, on device, from --seed; default: none)")
-    g.add_argument("--time-shift", type=int, metavar="FRAMES", help="speech: shift clips by up to this many frames")
-    g.add_argument("--time-masks", type=int, metavar="N", help="speech: SpecAugment time masks per clip")
-    g.add_argument("--time-mask-width", type=int, metavar="FRAMES", help="speech: widest time mask")
-    g.add_argument("--freq-masks", type=int, metavar="N", help="speech: SpecAugment frequency masks per clip")
-    g.add_argument("--freq-mask-width", type=int, metavar="FILTERS", help="speech: widest frequency mask")
-    g.add_argument("--gain-db", type=float, metavar="DB", help="speech: random gain in +-DB per clip")
-    g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) weights")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f, s in settings():
+        flag = flag_of(f.name)
+        if flag is None:
+            continue
+        target = p if s.group is None else groups.setdefault(s.group, p.add_argument_group(GROUPS[s.group]))
+        if value_type(f.name) is bool:  # a switch away from the default
+            target.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", default=None,
+                                help=help_text(f.name))
+        else:
+            target.add_argument(flag, dest=f.name, type=s.parse or value_type(f.name), choices=s.choices or None,
+                                metavar=s.metavar, default=None, help=help_text(f.name))
 
 
 def _add_process_options(p: argparse.ArgumentParser) -> None:
@@ -81,42 +54,23 @@ def _add_process_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
 
 
-_FIELDS = {"model": "model", "dataset": "dataset", "classes": "classes", "data_dir": "data_dir", "split": "split",
-           "val_fraction": "val_fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-           "schedule": "schedule", "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "seed": "seed", "init": "init",
-           "shuffle": "shuffle", "path": "path", "conv_impl": "conv_impl", "checkpoint_every": "checkpoint_every", "devices": "devices",
-           "time_shift": "time_shift", "time_masks": "time_masks", "time_mask_width": "time_mask_width",
-           "freq_masks": "freq_masks", "freq_mask_width": "freq_mask_width", "gain_db": "gain_db", "mixup": "mixup"}
-
-
 def config_from_args(args: argparse.Namespace):
-    from flaxcnn.train.config import TrainConfig, apply_preset
+    """The run's settings: the fields' defaults, then the preset's, then the options given."""
+    from flaxcnn.train.config import TrainConfig, apply_preset, flag_of, settings
 
     config = TrainConfig()
     if args.preset:
         config = apply_preset(config, args.preset)
-    overrides = {field: getattr(args, name) for name, field in _FIELDS.items()
-                 if getattr(args, name, None) is not None}
-    config = dataclasses.replace(config, **overrides)
-    if config.dataset == "speech" and "model" not in overrides and not args.preset:
-        config = dataclasses.replace(config, model="convnet")  # the speech lab's network
-    out = getattr(args, "out", None) or f"runs/{config.model}-{config.dataset}"
-    config = dataclasses.replace(config, out=out)
+    config = dataclasses.replace(config, **{f.name: getattr(args, f.name) for f, _ in settings()
+                                            if flag_of(f.name) and getattr(args, f.name, None) is not None})
     config.validate()
-    _check_classes(config)
-    return config
+    out = getattr(args, "out", None) or f"runs/{_run_name(config)}"
+    return dataclasses.replace(config, out=out)
 
 
-def _check_classes(config) -> None:
-    """Refuse bad --classes before any file is written (the data loader would, only later)."""
-    if config.classes is None:
-        return
-    from flaxcnn.data import dataset_domain
-    from flaxcnn.data.cifar import check_classes
-
-    if dataset_domain(config.dataset) != "cifar":
-        raise ConfigError("--classes applies to CIFAR data sets only")
-    check_classes(config.classes)
+def _run_name(config) -> str:
+    """MODEL-DATASET, with the model the data set defaults to (``--dataset speech``: convnet)."""
+    return f"{config.resolved().model}-{config.dataset}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -139,7 +93,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flaxcnn.train.sweep import run_sweep
 
     config = config_from_args(args)
-    failed = [m for m in run_sweep(config, args.out or f"runs/sweep-{config.model}-{config.dataset}",
+    failed = [m for m in run_sweep(config, args.out or f"runs/sweep-{_run_name(config)}",
                                    seeds=args.seeds, lrs=args.lrs, weight_decays=args.weight_decays,
                                    strategy=args.strategy, overwrite=args.overwrite,
                                    quiet=args.quiet)["members"] if m["status"] != "ok"]
@@ -150,7 +104,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from flaxcnn.train.crossval import run_cv
 
     config = config_from_args(args)
-    run_cv(config, args.out or f"runs/cv-{config.model}-{config.dataset}", folds=args.folds,
+    run_cv(config, args.out or f"runs/cv-{_run_name(config)}", folds=args.folds,
            seeds=args.seeds, quiet=args.quiet, final=args.final, only_folds=args.only_folds)
     return 0
 
@@ -234,11 +188,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from flaxcnn.train.config import PRESETS
+    from flaxcnn.train.config import PRESETS, as_options
 
     for name, (description, overrides) in PRESETS.items():
-        print(f"{name:<16} {description}\n{'':<16} " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                                 for k, v in overrides.items()))
+        print(f"{name:<16} {description}\n{'':<16} {as_options(overrides)}")
     return 0
 
 
@@ -264,13 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_process_options(p)
     p.set_defaults(func=cmd_train)
 
+    from flaxcnn.train.config import STRATEGIES
+
     p = sub.add_parser("sweep", help="train every combination of --seeds/--lrs/--weight-decays, one run each")
     _add_training_options(p)
     p.add_argument("--seeds", type=_number_list(int, "--seeds"), help="e.g. 0,1,2,3 (default: --seed)")
     p.add_argument("--lrs", type=_number_list(float, "--lrs"), help="e.g. 0.01,0.05 (default: --lr)")
     p.add_argument("--weight-decays", type=_number_list(float, "--weight-decays"),
                    help="e.g. 0,0.001 (default: --weight-decay)")
-    p.add_argument("--strategy", choices=["auto", "sequential", "vmap"], default="auto",
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="vmap: one compiled program for all models; sequential: one run after another; "
                         "auto: sequential on CPU, vmap elsewhere (see docs/scaling.md)")
     p.add_argument("--out", help="sweep directory, one run directory per combination inside "

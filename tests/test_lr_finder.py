@@ -96,3 +96,13 @@ def test_session_state_is_untouched_by_the_sweep():
     after = jax.tree.leaves(session.state.params)
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert dataclasses.is_dataclass(session.config)
+
+
+def test_the_sweep_refuses_a_session_whose_schedule_would_overrule_it():
+    from flaxcnn.errors import ConfigError
+
+    x, y = _data(64)
+    split = SplitArrays(x.numpy(), y.numpy().astype(np.int32))
+    session = build_session(TrainConfig(batch_size=32, schedule="cosine"), Dataset("cifar2", split, split, ("a", "b")))
+    with pytest.raises(ConfigError, match="--schedule constant"):
+        run_sweep(session, start_lr=1e-6, end_lr=1.0)

@@ -14,10 +14,8 @@ from flaxcnn.data import Dataset, SplitArrays
 from flaxcnn.errors import ConfigError
 from flaxcnn.train.config import TrainConfig
 from flaxcnn.train.loop import load_run
-from flaxcnn.train.optim import sgd
-from flaxcnn.train.sweep import (
-    choose_strategy, member_configs, member_state, run_sweep, stack_states, standard_opt_state, sweep_sgd,
-)
+from flaxcnn.train.optim import sgd, transplant
+from flaxcnn.train.sweep import choose_strategy, member_configs, member_state, run_sweep, stack_states, sweep_sgd
 
 
 def _dataset(n: int = 64, seed: int = 0) -> Dataset:
@@ -97,7 +95,10 @@ def test_injected_weight_decay_zero_changes_nothing():
         updates, state = tx.update(grads, state, params)
         ref_updates, ref_state = ref.update(grads, ref_state, params)
         assert np.array_equal(np.asarray(updates["w"]), np.asarray(ref_updates["w"]))
-    assert jax.tree.structure(standard_opt_state(state, 0.0)) == jax.tree.structure(ref_state)
+    # the member's state in sgd's layout (what its checkpoints hold) carries the same values
+    standard = transplant(state, sgd(0.1, 0.9, 0.0).init(params))
+    assert jax.tree.structure(standard) == jax.tree.structure(ref_state)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(standard), jax.tree.leaves(ref_state)))
 
 
 # ----------------------------------------------------------------------------- vmap vs sequential
@@ -161,6 +162,21 @@ def test_a_vmap_member_evaluates_and_resumes_like_a_train_run(two_sweeps):
     config = TrainConfig.from_json(json.loads((run / "config.json").read_text())["config"])
     resumed = fit(dataclasses.replace(config, epochs=3), resume=True, quiet=True, dataset=_dataset())
     assert resumed["epochs"] == 3
+
+
+def test_vmap_members_augment_like_their_sequential_runs(tmp_path):
+    """Augmentation (mixup here) is part of the shared step: each stacked member draws its own
+    seed's stream, as its ``flaxcnn train`` run does."""
+    base = dataclasses.replace(BASE, epochs=1, mixup=0.4)
+    dataset = _dataset()
+    for strategy, seeds in (("vmap", [0, 1]), ("sequential", [1]), ("plain", [1])):
+        config = dataclasses.replace(base, mixup=0.0) if strategy == "plain" else base
+        run_sweep(config, tmp_path / strategy, seeds=seeds, lrs=[0.03], strategy=strategy.replace("plain", "vmap"),
+                  quiet=True, dataset=dataset)
+    member = "seed1-lr0.03-wd0"
+    vm, seq, plain = (load_run(tmp_path / s / member, dataset=dataset)[1] for s in ("vmap", "sequential", "plain"))
+    assert _max_diff(vm.params, seq.params) <= 1e-5
+    assert _max_diff(vm.params, plain.params) > 1e-4
 
 
 # ----------------------------------------------------------------------------- command line

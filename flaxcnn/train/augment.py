@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from flaxcnn.errors import ConfigError
-
-if TYPE_CHECKING:
-    from flaxcnn.train.config import TrainConfig
 
 #: dB of power -> natural-log units: 10 * log10(P) dB = ln(P) * 10 / ln(10).
 NEPER_PER_DB = math.log(10.0) / 10.0
@@ -84,14 +80,17 @@ class Augmented:
 class Augmenter:
     """``(x, y, step) -> Augmented``, pure and traceable, keyed by ``seed`` and the step count."""
 
-    def __init__(self, settings: AugmentSettings, seed: int):
+    def __init__(self, settings: AugmentSettings, seed: int = 0):
         settings.validate()
         self.settings = settings
         self.seed = int(seed)
 
-    def __call__(self, x: jax.Array, y: jax.Array, step: jax.Array) -> Augmented:
+    def __call__(self, x: jax.Array, y: jax.Array, step: jax.Array, seed_key: jax.Array | None = None
+                 ) -> Augmented:
+        """``seed_key``: ``jax.random.key(seed)`` given as a (traced) value, e.g. a training
+        state's ``augment_key``; None: the key of this augmenter's own ``seed``."""
         s = self.settings
-        key = jax.random.fold_in(jax.random.key(self.seed), step)
+        key = jax.random.fold_in(jax.random.key(self.seed) if seed_key is None else seed_key, step)
         k_gain, k_shift, k_time, k_freq, k_mix = jax.random.split(key, 5)
         if s.spectrogram and x.ndim != 4:
             raise ConfigError(f"spectrogram augmentation needs (N, C, T, F) inputs, got shape {x.shape}")
@@ -108,10 +107,9 @@ class Augmenter:
         return Augmented(x, y, jnp.ones((), x.dtype))
 
 
-def augmenter_for(config: TrainConfig) -> Augmenter | None:
-    """The :class:`Augmenter` a :class:`~flaxcnn.train.config.TrainConfig` asks for, or None."""
-    settings = config.augment_settings()
-    return Augmenter(settings, config.seed) if settings.active else None
+def augmenter_for(settings: AugmentSettings, seed: int = 0) -> Augmenter | None:
+    """The :class:`Augmenter` for ``settings``, or None when they augment nothing."""
+    return Augmenter(settings, seed) if settings.active else None
 
 
 def gain(key: jax.Array, x: jax.Array, max_db: float) -> jax.Array:

@@ -1,133 +1,230 @@
 """Training settings, their lab defaults, and named presets that reproduce the labs' runs.
 
+Each setting is one field of :class:`TrainConfig`, and the field says everything about it: its
+type and default (per data-set domain where the labs differ), its choices, its command-line help
+and the check that refuses a bad value. The command line (:mod:`flaxcnn.cli`), validation,
+``flaxcnn presets`` and the ``--resume`` merge are all generated from the fields, so a new
+setting is one new field.
+
 A preset is one line of overrides (the big_vision idea): ``flaxcnn train --preset lab8-wd``
 reproduces lab 8's weight-decay run and ``flaxcnn presets`` prints exactly what each one sets.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import math
+import types
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from flaxcnn.errors import ConfigError
-
-if TYPE_CHECKING:
-    from flaxcnn.train.augment import AugmentSettings
+from flaxcnn.train.augment import AugmentSettings
 
 PATHS = ("auto", "step", "scan")
 CONV_IMPLS = ("auto", "kernels", "xla")  # flaxcnn.models.dispatch.MODES
 SCHEDULES = ("constant", "cosine")
+SPLITS = ("lab", "speaker", "official")
+INITS = ("torch", "flax")
+STRATEGIES = ("auto", "sequential", "vmap")  # flaxcnn sweep --strategy (flaxcnn.train.sweep)
+#: how the help names the domains where a default differs
+DOMAIN_LABELS = {"cifar": "lab 8", "speech": "speech"}
 
+
+# ----------------------------------------------------------------------------- what a field says
+
+@dataclass(frozen=True)
+class Rule:
+    """A check on one value: ``test(value)``, else "``--flag`` must be ``text``, got value"."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer_at_least(minimum: int) -> Rule:
+    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+                f"an integer >= {minimum}")
+
+
+def at_least(minimum: float) -> Rule:
+    return Rule(lambda v: _number(v) and v >= minimum, f">= {minimum:g}")
+
+
+POSITIVE = Rule(lambda v: _number(v) and v > 0, "a positive number")
+FRACTION = Rule(lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a :class:`TrainConfig` field means outside Python."""
+
+    help: str
+    #: its command-line flag: "" for ``--field-name``; None when it is not a command-line option
+    flag: str | None = ""
+    #: the only values allowed (the parser refuses others, and so does :meth:`TrainConfig.validate`)
+    choices: tuple[str, ...] = ()
+    #: names listed in the help, from a registry that validates them itself (models, data sets)
+    names: Callable[[], Iterable[str]] | None = None
+    rule: Rule | None = None
+    #: the default per data-set domain, used while the field is None (the labs differ)
+    lab: dict[str, Any] | None = None
+    #: "saved": ``--resume`` keeps the run's own value; "given": this command's value;
+    #: "given_if_set": this command's value when it gives one, else the run's
+    on_resume: Literal["saved", "given", "given_if_set"] = "saved"
+    group: str | None = None  # argparse group (see GROUPS)
+    metavar: str | None = None
+    parse: Callable[[str], Any] | None = None  # the parser's ``type`` (default: the field's type)
+    label: str | None = None  # how errors name it when it has no flag
+
+
+GROUPS = {"augmentation": "augmentation (training batches only, on device, from --seed; default: none)"}
+
+
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A :class:`TrainConfig` field with its :class:`Setting`."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"setting": Setting(help, **meta)}, **factory)
+
+
+def parse_classes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--classes takes comma-separated CIFAR-10 label ids, e.g. 3,5; got {text!r}") from None
+
+
+def _model_names() -> Iterable[str]:
+    from flaxcnn.models.registry import MODELS
+
+    return MODELS
+
+
+def _dataset_names() -> Iterable[str]:
+    from flaxcnn.data import DATASETS
+
+    return DATASETS
+
+
+def _preset_names() -> Iterable[str]:
+    return PRESETS
+
+
+# ----------------------------------------------------------------------------- the settings
 
 @dataclass
 class TrainConfig:
-    model: str = "net"
-    dataset: str = "cifar2"
-    out: str = "runs/net-cifar2"
-    data_dir: str | None = None
-    classes: tuple[int, ...] | None = None
-    split: str = "lab"  # speech: lab | speaker | official
-    val_fraction: float = 0.0  # CIFAR: hold out this much of train as validation
-    epochs: int | None = None  # lab defaults: 100 (lab 8), 150 (speech)
-    batch_size: int | None = None  # 64 (lab 8), 256 (speech)
-    lr: float | None = None  # 1e-2 (lab 8); speech 1e-3, the top of the lab's LR-finder range
-    schedule: str = "constant"  # constant | cosine (decays to 0 over the run)
-    momentum: float | None = None  # 0 (lab 8 plain SGD), 0.9 (speech lab)
-    weight_decay: float = 0.0  # torch SGD weight_decay semantics
-    l2: float = 0.0  # lab 8's explicit penalty: l2 * sum of each parameter tensor's L2 norm
-    seed: int = 0
-    init: str = "torch"  # torch's U(+-1/sqrt(fan_in)) or flax's lecun_normal
-    shuffle: bool = True  # lab 8 shuffles; the speech lab's DataLoader does not (use False to match)
-    path: str = "auto"  # auto | step | scan (see flaxcnn.train.steps)
-    conv_impl: str = "auto"  # CPU convolutions/pools: auto (measured) | kernels | xla (flaxcnn.models.dispatch)
-    eval_batch_size: int = 1000
-    checkpoint_every: int = 1
-    devices: int | None = None  # data parallel over this many local devices per process (None: all)
-    num_classes: int | None = None  # default: the data set's number of classes
-    preset: str | None = None
+    model: str | None = setting(None, "network", names=_model_names, lab={"cifar": "net", "speech": "convnet"})
+    dataset: str = setting("cifar2", "data set", names=_dataset_names)
+    out: str = setting("runs/net-cifar2", "run directory", flag=None, on_resume="given")
+    data_dir: str | None = setting(None, "data folder; CIFAR without it: a tfds copy if prepared, else the "
+                                         "shipped sample")
+    classes: tuple[int, ...] | None = setting(None, "CIFAR-10 label ids to train on, e.g. 3,5 (default 0,2)",
+                                              parse=parse_classes)
+    split: str = setting("lab", "speech split", choices=SPLITS)
+    val_fraction: float = setting(0.0, "CIFAR: hold out this fraction of train as validation", rule=FRACTION)
+    epochs: int | None = setting(None, "epochs", rule=integer_at_least(1), lab={"cifar": 100, "speech": 150},
+                                 on_resume="given_if_set")
+    batch_size: int | None = setting(None, "batch size", rule=integer_at_least(1), lab={"cifar": 64, "speech": 256})
+    # speech: 1e-3, the top of the lab's LR-finder range
+    lr: float | None = setting(None, "learning rate", rule=POSITIVE, lab={"cifar": 1e-2, "speech": 1e-3})
+    schedule: str = setting("constant", "learning-rate schedule (cosine decays to 0 over the run)",
+                            choices=SCHEDULES)
+    momentum: float | None = setting(None, "SGD momentum", rule=FRACTION, lab={"cifar": 0.0, "speech": 0.9})
+    weight_decay: float = setting(0.0, "torch SGD weight_decay", rule=at_least(0))
+    l2: float = setting(0.0, "lab 8's explicit penalty lambda * sum of parameter L2 norms", rule=at_least(0))
+    seed: int = setting(0, "seed of the weights, the epoch order, dropout and augmentation", rule=at_least(0))
+    init: str = setting("torch", "weight init: torch's U(+-1/sqrt(fan_in)) or flax's lecun_normal", choices=INITS)
+    shuffle: bool = setting(True, "keep the training order fixed (the speech lab's DataLoader does not shuffle)",
+                            flag="--no-shuffle")
+    path: str = setting("auto", "training loop path (auto: by the platform, see flaxcnn.train.steps)",
+                        choices=PATHS)
+    conv_impl: str = setting("auto", "CPU convolutions and pools: auto (the fastest measured on this machine), "
+                                     "kernels (flaxcnn's C++ kernels wherever they apply), xla (XLA's "
+                                     "formulations only)", choices=CONV_IMPLS)
+    eval_batch_size: int = setting(1000, "evaluation batch size", flag=None, rule=at_least(1),
+                                   label="eval batch size")
+    checkpoint_every: int = setting(1, "save the latest checkpoint every N epochs", rule=at_least(1))
+    devices: int | None = setting(None, "data parallel over this many local devices per process; the global "
+                                        "batch is split over them (default: all local devices)",
+                                  rule=integer_at_least(1), on_resume="given")
+    num_classes: int | None = setting(None, "number of outputs (default: the data set's classes)", flag=None)
+    preset: str | None = setting(None, "a named lab run (see `flaxcnn presets`); explicit options override it",
+                                 names=_preset_names)
     # Training-time augmentation, on device (flaxcnn.train.augment); all off by default and in
-    # the lab presets. Spectrogram transforms apply to speech only.
-    time_shift: int = 0  # max frames a clip moves either way
-    time_masks: int = 0  # SpecAugment time masks per clip ...
-    time_mask_width: int = 0  # ... each up to this many frames
-    freq_masks: int = 0  # SpecAugment frequency masks per clip ...
-    freq_mask_width: int = 0  # ... each up to this many mel filters
-    gain_db: float = 0.0  # random gain in +-gain_db dB per clip
-    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
-    extra: dict[str, Any] = field(default_factory=dict)
+    # the lab presets. Spectrogram transforms apply to speech only; AugmentSettings checks them.
+    time_shift: int = setting(0, "speech: shift clips by up to this many frames", group="augmentation",
+                              metavar="FRAMES")
+    time_masks: int = setting(0, "speech: SpecAugment time masks per clip", group="augmentation", metavar="N")
+    time_mask_width: int = setting(0, "speech: widest time mask", group="augmentation", metavar="FRAMES")
+    freq_masks: int = setting(0, "speech: SpecAugment frequency masks per clip", group="augmentation",
+                              metavar="N")
+    freq_mask_width: int = setting(0, "speech: widest frequency mask", group="augmentation", metavar="FILTERS")
+    gain_db: float = setting(0.0, "speech: random gain in +-DB per clip", group="augmentation", metavar="DB")
+    mixup: float = setting(0.0, "mixup with Beta(ALPHA, ALPHA) weights (0: off)", group="augmentation",
+                           metavar="ALPHA")
+    extra: dict[str, Any] = setting(dict, "free-form notes kept with the run", flag=None)
 
-    def resolved(self, domain: str) -> "TrainConfig":
+    def resolved(self, domain: str | None = None) -> "TrainConfig":
         """Fill the lab defaults that depend on the data set's domain and validate everything."""
-        lab8 = domain == "cifar"
-        cfg = dataclasses.replace(
-            self,
-            epochs=self.epochs if self.epochs is not None else (100 if lab8 else 150),
-            batch_size=self.batch_size if self.batch_size is not None else (64 if lab8 else 256),
-            momentum=self.momentum if self.momentum is not None else (0.0 if lab8 else 0.9),
-            lr=self.lr if self.lr is not None else (1e-2 if lab8 else 1e-3),
-        )
+        domain = domain or _domain(self.dataset)
+        cfg = dataclasses.replace(self, **{f.name: s.lab[domain] for f, s in settings()
+                                           if s.lab and getattr(self, f.name) is None})
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1),
-             f"--epochs must be an integer >= 1, got {self.epochs}")
-        need(self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
-             f"--batch-size must be an integer >= 1, got {self.batch_size}")
-        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
-             f"--lr must be a positive number, got {self.lr}")
-        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        need(self.momentum is None or (math.isfinite(self.momentum) and 0 <= self.momentum < 1),
-             f"--momentum must be in [0, 1), got {self.momentum}")
-        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"--weight-decay must be >= 0, got {self.weight_decay}")
-        need(math.isfinite(self.l2) and self.l2 >= 0, f"--l2 must be >= 0, got {self.l2}")
-        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        need(self.path in PATHS, f"--path must be one of {', '.join(PATHS)}, got {self.path!r}")
-        need(self.conv_impl in CONV_IMPLS,
-             f"--conv-impl must be one of {', '.join(CONV_IMPLS)}, got {self.conv_impl!r}")
-        need(self.init in ("torch", "flax"), f"--init must be torch or flax, got {self.init!r}")
-        need(self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}")
-        need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
-        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        need(self.devices is None or (isinstance(self.devices, int) and not isinstance(self.devices, bool)
-                                      and self.devices >= 1),
-             f"--devices must be an integer >= 1, got {self.devices}")
+        for f, _ in settings():
+            check_setting(f.name, getattr(self, f.name))
         self.check_model_fits_dataset()
         self.check_augmentation()
+        self.check_classes()
+
+    def check_classes(self) -> None:
+        """Refuse bad ``classes`` before any file is written (the data loader would, only later)."""
+        if self.classes is None:
+            return
+        if _domain(self.dataset) != "cifar":
+            raise ConfigError("--classes applies to CIFAR data sets only")
+        from flaxcnn.data.cifar import check_classes
+
+        check_classes(self.classes)
 
     def augment_settings(self) -> AugmentSettings:
         """The augmentation fields as one :class:`~flaxcnn.train.augment.AugmentSettings`."""
-        from flaxcnn.train.augment import AugmentSettings
-
-        return AugmentSettings(time_shift=self.time_shift, time_masks=self.time_masks,
-                               time_mask_width=self.time_mask_width, freq_masks=self.freq_masks,
-                               freq_mask_width=self.freq_mask_width, gain_db=self.gain_db, mixup=self.mixup)
+        return AugmentSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentSettings)})
 
     def check_augmentation(self) -> None:
-        from flaxcnn.data import dataset_domain
-
         settings = self.augment_settings()
         settings.validate()
-        if settings.spectrogram and dataset_domain(self.dataset) != "speech":
+        if settings.spectrogram and _domain(self.dataset) != "speech":
             raise ConfigError("--time-shift, --time-masks, --freq-masks and --gain-db augment speech features "
                               f"only; dataset {self.dataset!r} is images (--mixup applies to both)")
 
     def check_model_fits_dataset(self) -> None:
-        from flaxcnn.data import dataset_domain
         from flaxcnn.models.registry import MODELS, get_model
 
-        spec, domain = get_model(self.model), dataset_domain(self.dataset)
+        domain = _domain(self.dataset)
+        spec = get_model(self.model if self.model is not None else lab_default("model", domain))
         if spec.domain != domain:
             fitting = ", ".join(n for n, s in MODELS.items() if s.domain == domain)
             raise ConfigError(f"model {spec.name!r} is a {spec.domain} model and cannot train on "
                               f"{self.dataset!r}; {domain} models: {fitting}")
+
+    def for_resume(self, saved: "TrainConfig") -> "TrainConfig":
+        """The settings of a resumed run: ``saved``'s, except where a field's ``on_resume`` takes
+        this (the command's) value."""
+        given = {f.name: getattr(self, f.name) for f, s in settings()
+                 if s.on_resume == "given" or (s.on_resume == "given_if_set" and getattr(self, f.name) is not None)}
+        return dataclasses.replace(saved, **given)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -141,6 +238,84 @@ class TrainConfig:
         if data.get("classes") is not None:
             data["classes"] = tuple(data["classes"])
         return cls(**data)
+
+
+def _domain(dataset: str) -> str:
+    from flaxcnn.data import dataset_domain
+
+    return dataset_domain(dataset)
+
+
+# ----------------------------------------------------------------------------- reading the fields
+
+@functools.cache
+def settings() -> tuple[tuple[dataclasses.Field, Setting], ...]:
+    """Every field of :class:`TrainConfig` with its :class:`Setting`, in declaration order."""
+    return tuple((f, f.metadata["setting"]) for f in dataclasses.fields(TrainConfig))
+
+
+@functools.cache
+def _by_name() -> dict[str, tuple[dataclasses.Field, Setting]]:
+    return {f.name: (f, s) for f, s in settings()}
+
+
+def _setting(name: str) -> Setting:
+    return _by_name()[name][1]
+
+
+def lab_default(name: str, domain: str) -> Any:
+    """Field ``name``'s default for a data-set domain (``"cifar"`` or ``"speech"``)."""
+    return _setting(name).lab[domain]
+
+
+def value_type(name: str) -> type:
+    """The type of a field's values, without its None (``int | None`` -> ``int``)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def flag_of(name: str) -> str | None:
+    """The command-line flag of a field (``lr`` -> ``--lr``), or None."""
+    flag = _setting(name).flag
+    return f"--{name.replace('_', '-')}" if flag == "" else flag
+
+
+def check_setting(name: str, value: Any) -> None:
+    """ConfigError unless ``value`` is allowed for field ``name`` (None is, where it is the default)."""
+    f, s = _by_name()[name]
+    if value is None and f.default is None:
+        return
+    label = flag_of(name) or s.label or name
+    if s.choices and value not in s.choices:
+        raise ConfigError(f"{label} must be one of {', '.join(s.choices)}, got {value!r}")
+    if s.rule is not None and not s.rule.test(value):
+        raise ConfigError(f"{label} must be {s.rule.text}, got {value}")
+
+
+def help_text(name: str) -> str:
+    """A field's command-line help: what it is, the names it takes, its default (per domain where
+    the labs differ: ``default 100 for lab 8, 150 for speech``)."""
+    f, s = _by_name()[name]
+    notes = [f"one of: {', '.join(s.names())}"] if s.names else []
+    if s.lab:
+        notes.append("default " + ", ".join(f"{s.lab[domain]} for {DOMAIN_LABELS[domain]}" for domain in s.lab))
+    elif not isinstance(f.default, bool) and f.default not in (None, 0, ""):
+        notes.append(f"default {f.default}")
+    return f"{s.help} ({'; '.join(notes)})" if notes else s.help
+
+
+def as_options(overrides: dict[str, Any]) -> str:
+    """Field values as the command-line options that set them (what ``flaxcnn presets`` prints)."""
+    words: list[str] = []
+    for name, value in overrides.items():
+        f = _by_name()[name][0]
+        if value_type(name) is bool:
+            words += [flag_of(name)] if value != f.default else []
+        else:
+            words += [flag_of(name), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return " ".join(words)
 
 
 #: name -> (description, overrides). Each reproduces one run of the labs.

@@ -201,7 +201,7 @@ def run_cv(config: TrainConfig, out: str | Path, *, folds: int = 5, seeds: list[
     processes; a later call without it reuses their runs and summarises all folds."""
     from flaxcnn.train.loop import fit
 
-    config.validate()
+    config = config.resolved()  # cv.json records the settings every run uses (the model included)
     seeds = list(seeds) if seeds else [config.seed]
     out = Path(out)
     pool = load_pool(config)

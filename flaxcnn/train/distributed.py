@@ -16,7 +16,8 @@ directory's text files; checkpoints are saved by orbax from all processes, so th
 directory must be on a file system every process sees (one machine, NFS, a bucket).
 
 With one device and one process nothing here is used: :func:`data_parallel` returns the
-session unchanged, so the default path carries no sharding overhead.
+session unchanged, so the default path carries no sharding overhead. This module places what
+the engine (:mod:`flaxcnn.train.loop`) built; it does not import the engine.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +39,9 @@ from flaxcnn.models import dispatch
 from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.train import runlog
 from flaxcnn.train.checkpoint import Checkpoints
+from flaxcnn.train.config import check_setting
 from flaxcnn.train.state import TrainState
-from flaxcnn.train.steps import EpochRunner, make_train_step
-
-if TYPE_CHECKING:
-    from flaxcnn.train.loop import Session
+from flaxcnn.train.steps import EpochRunner
 
 DATA_AXIS = "data"
 #: environment variables read when the flags are not given (JAX reads the first one itself too)
@@ -147,10 +146,9 @@ def mesh_devices(devices: int | None) -> list[jax.Device]:
     """The first ``devices`` local devices of every process (all of them when None), in process
     order, so that each process's devices hold one contiguous slice of the batch axis."""
     local = jax.local_device_count()
+    check_setting("devices", devices)
     if devices is None:
         devices = local
-    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
-        raise ConfigError(f"--devices must be an integer >= 1, got {devices!r}")
     if devices > local:
         raise ConfigError(f"--devices {devices} asked for, but this process sees {local} {jax.default_backend()} "
                           f"device(s); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
@@ -242,8 +240,8 @@ class ShardedEpochRunner(EpochRunner):
     def begin_epoch(self, state: TrainState) -> TrainState:
         return self._zero_metrics(self.placement.replicate(state))
 
-    def indices(self, order: np.ndarray, axis: int = 0) -> jax.Array:
-        return self.placement.index_batch(order, axis=axis)
+    def indices(self, idx: np.ndarray) -> jax.Array:
+        return self.placement.index_batch(idx, axis=idx.ndim - 1)
 
 
 def check_batch_size(batch_size: int, num_devices: int) -> None:
@@ -255,20 +253,22 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
                           f"or fewer devices: {ok} devices in all would divide it")
 
 
-def data_parallel(session: "Session") -> "Session":
-    """The session spread over ``config.devices`` devices per process, or unchanged on one device."""
+SessionT = TypeVar("SessionT")  # a flaxcnn.train.loop.Session, which this module does not import
+
+
+def data_parallel(session: SessionT) -> SessionT:
+    """The session (:class:`flaxcnn.train.loop.Session`) spread over ``config.devices`` devices
+    per process: state and data replicated, its runner's train step run by a
+    :class:`ShardedEpochRunner`. One device in one process: the session itself, unchanged."""
     config = session.config
     placement = placement_for(config.devices)
     if placement is None:
         return session
     check_batch_size(config.batch_size, placement.num_devices)
-    from flaxcnn.train.augment import augmenter_for
-
-    train_step = make_train_step(session.graphs, session.spec.loss, session.tx, config.l2, augmenter_for(config))
     return dataclasses.replace(
         session,
         state=placement.replicate(session.state),
-        runner=ShardedEpochRunner(train_step, config.path, placement),
+        runner=ShardedEpochRunner(session.runner.train_step, config.path, placement),
         device_arrays={name: placement.replicate(arrays) for name, arrays in session.device_arrays.items()},
     )
 

@@ -27,7 +27,7 @@ from flaxcnn.data import dataset_domain
 from flaxcnn.data.arrays import Dataset, SplitArrays
 from flaxcnn.errors import ConfigError, DataError
 from flaxcnn.train.config import TrainConfig
-from flaxcnn.train.runlog import read_json, write_json
+from flaxcnn.train.runlog import read_run_config, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +120,7 @@ def evaluate_all(run_dir: str | Path, data_dir: str | Path | None = None, checkp
     from flaxcnn.train.loop import load_run
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise ConfigError(f"{run_dir} is not a flaxcnn run directory (no config.json)")
-    saved = read_json(run_dir / "config.json")
+    saved = read_run_config(run_dir)
     config = TrainConfig.from_json(saved["config"])
     run_names = tuple(saved["dataset"]["class_names"])
     examples = read_examples(config, saved["dataset"].get("info", {}), run_names, data_dir)

@@ -20,6 +20,8 @@ state, and training afterwards starts from the untouched initial state.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from flaxcnn.train.loop import Session, build_session, epoch_order
 from flaxcnn.train.optim import set_learning_rate
 from flaxcnn.train.plots import plot_lr_finder
 from flaxcnn.train.progress import say
+from flaxcnn.train.steps import index_batches
 
 
 @dataclass
@@ -75,27 +78,24 @@ def run_sweep(session: Session, *, start_lr: float, end_lr: float, num_iter: int
     if diverge_th < 1:
         raise ConfigError(f"diverge_th must be >= 1, got {diverge_th}")
     config = session.config
+    if config.schedule != "constant":  # a schedule would overrule the rate the sweep sets at each step
+        raise ConfigError(f"the LR finder sets the learning rate itself: its session needs --schedule constant, "
+                          f"not {config.schedule!r}")
     x, y = session.device_arrays["train"]
-    n = len(y)
-    per_epoch = -(-n // config.batch_size)
-    num_iter = num_iter or per_epoch
+    num_iter = num_iter or -(-len(y) // config.batch_size)  # one epoch
     if num_iter < 1:
         raise ConfigError(f"num_iter must be >= 1, got {num_iter}")
     used, logged = sweep_lrs(start_lr, end_lr, num_iter)
 
-    step = session.runner.step_fn
+    runner = session.runner
     state = jax.tree.map(jnp.copy, session.state)  # the session's initial state stays untouched
     lrs: list[float] = []
     losses: list[float] = []
     best = np.inf
     diverged = False
-    for i in range(num_iter):
-        epoch, b = divmod(i, per_epoch)
-        order = epoch_order(config, epoch + 1, n)
-        idx = jnp.asarray(order[b * config.batch_size:(b + 1) * config.batch_size], jnp.int32)
-        state = state.replace(metrics=jnp.zeros_like(state.metrics),
-                              opt_state=set_learning_rate(state.opt_state, used[i]))
-        state = step(state, x, y, idx)
+    for i, idx in zip(range(num_iter), _batches(session)):
+        state = runner.begin_epoch(state.replace(opt_state=set_learning_rate(state.opt_state, used[i])))
+        state = runner.step_fn(state, x, y, runner.indices(idx))
         loss = float(state.metrics[0])
         if i > 0 and smooth_f > 0:
             loss = smooth_f * loss + (1 - smooth_f) * losses[-1]
@@ -108,11 +108,19 @@ def run_sweep(session: Session, *, start_lr: float, end_lr: float, num_iter: int
     return LRFinderResult(lrs=lrs, losses=losses, suggestion=suggest(losses, lrs), diverged=diverged)
 
 
+def _batches(session: Session) -> Iterator[np.ndarray]:
+    """The training run's index batches, epoch after epoch (each epoch in its own order)."""
+    n = len(session.dataset.train)
+    for epoch in itertools.count(1):
+        yield from index_batches(epoch_order(session.config, epoch, n), session.config.batch_size)
+
+
 def find_lr(config: TrainConfig, *, start_lr: float = 1e-8, end_lr: float = 1e-3, num_iter: int | None = None,
             diverge_th: float = 1.05, smooth_f: float = 0.05, out: str | None = "lr_finder.png",
             quiet: bool = False) -> LRFinderResult:
-    """Run the sweep on a fresh session of ``config`` and plot it (defaults: the speech lab's)."""
-    session = build_session(dataclasses.replace(config, path="step"))
+    """Run the sweep on a fresh session of ``config`` and plot it (defaults: the speech lab's).
+    The sweep sets the learning rate itself, so ``config``'s schedule does not apply to it."""
+    session = build_session(dataclasses.replace(config, path="step", schedule="constant"))
     result = run_sweep(session, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, smooth_f=smooth_f,
                        diverge_th=diverge_th)
     if out:

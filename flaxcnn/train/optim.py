@@ -26,9 +26,42 @@ def sgd(lr: float | optax.Schedule, momentum: float = 0.0, weight_decay: float =
     return optax.inject_hyperparams(make)(learning_rate=lr)
 
 
+def stackable_sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """:func:`sgd` with the weight decay injected too, so that both the learning rate and the
+    weight decay are values in the optimizer state: K states of different settings stack into
+    one and a single compiled step serves them all (``add_decayed_weights(0)`` adds exactly 0)."""
+
+    def make(learning_rate, weight_decay):
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum or None))
+
+    return optax.inject_hyperparams(make)(learning_rate=lr, weight_decay=weight_decay)
+
+
+#: The named parts of an :func:`sgd` / :func:`stackable_sgd` state that hold values: the step
+#: count, the injected learning rate and (with momentum) the momentum buffer, by optax's public
+#: field names (``InjectHyperparamsState.count``, its ``hyperparams`` key, ``TraceState.trace``).
+SGD_STATE_PARTS = ("count", "learning_rate", "trace")
+
+
+def transplant(source, template):
+    """``template``'s optimizer state, with each of :data:`SGD_STATE_PARTS` it holds taken from
+    ``source``: a :func:`stackable_sgd` state in the layout ``sgd(lr, momentum, weight_decay)``
+    saves (found by name with ``optax.tree_utils``; no assumption on how optax nests them)."""
+    for name in SGD_STATE_PARTS:  # one by one: tree_set misses a trace set together with the count
+        if optax.tree_utils.tree_get(template, name) is not None:
+            template = optax.tree_utils.tree_set(template, **{name: optax.tree_utils.tree_get(source, name)})
+    return template
+
+
+def learning_rate_of(opt_state) -> jax.Array:
+    """The learning rate the next step uses (an injected hyperparameter of :func:`sgd`)."""
+    return opt_state.hyperparams["learning_rate"]
+
+
 def set_learning_rate(opt_state, lr: float | jax.Array):
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-    return opt_state
+    """A copy of ``opt_state`` whose next step uses ``lr`` (the LR finder's sweep)."""
+    return optax.tree_utils.tree_set(opt_state, lambda _, value: hasattr(value, "dtype"),  # not a schedule's state
+                                     learning_rate=jnp.asarray(lr, jnp.float32))
 
 
 def per_example_loss(kind: str, outputs: jax.Array, labels: jax.Array) -> jax.Array:

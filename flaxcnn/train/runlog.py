@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flaxcnn.errors import TrainingError
+from flaxcnn.errors import ConfigError, TrainingError
 
 MIN_FREE_BYTES = 50 * 2**20
 
@@ -25,6 +25,13 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run directory's ``config.json`` (settings, data, backend); ConfigError without one."""
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} is not a flaxcnn run directory (no config.json)")
+    return read_json(run_dir / "config.json")
 
 
 def prepare_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool = False) -> Path:

@@ -8,6 +8,7 @@ RNG streams), and jitted functions ``nnx.merge`` inside. A module is rebuilt wit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ class TrainState:
     opt_state: Any
     step: jax.Array
     metrics: jax.Array  # float32[N_METRICS], reset at each epoch
+    #: ``jax.random.key(seed)``: the augmentation stream draws ``fold_in(augment_key, step)``. A
+    #: field of the state, not of the step, so that K stacked models each keep their own seed's.
+    augment_key: jax.Array | None = None
 
 
 @dataclass(frozen=True)
@@ -46,13 +50,23 @@ def split_model(model: nnx.Module) -> tuple[Graphs, Any, Any]:
     return Graphs(train_graph, eval_graph), params, rest
 
 
-def create_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Graphs, TrainState]:
+def create_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0) -> tuple[Graphs, TrainState]:
     graphs, params, rest = split_model(model)
     state = TrainState(
         params=params, rest=rest, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-        metrics=jnp.zeros((N_METRICS,), jnp.float32),
+        metrics=jnp.zeros((N_METRICS,), jnp.float32), augment_key=jax.random.key(seed),
     )
     return graphs, state
+
+
+def stack(states: Sequence[TrainState]) -> TrainState:
+    """K states of the same layout as one, every leaf stacked along a new leading axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def unstack(stacked: TrainState, k: int) -> TrainState:
+    """Member ``k`` of a :func:`stack`-ed state."""
+    return jax.tree.map(lambda leaf: leaf[k], stacked)
 
 
 def to_model(graphs: Graphs, state: TrainState, *, train: bool = False) -> nnx.Module:

@@ -14,12 +14,14 @@ Paths (``--path``):
 (:func:`placement_platform`), not by ``jax.default_backend()``: a run placed on a CPU device of
 a GPU host (``jax.default_device``) is a CPU run.
 
-Both run the same ``train_step`` function, so they compute the same numbers.
+Both run the same ``train_step`` function, so they compute the same numbers. A runner built
+with ``stacked=True`` runs K models stacked along a leading axis (``flaxcnn sweep --strategy
+vmap``) through the same paths: the step is vmapped, and each model trains on its own epoch order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +64,11 @@ def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation,
     """Pure ``(state, x, y) -> state``: forward, lab loss (+ L2 penalty), SGD update, metrics.
 
     ``augment`` (a :class:`flaxcnn.train.augment.Augmenter`), when given, transforms each batch
-    first, keyed by the step count; mixup's partner labels weigh into the loss."""
+    first, keyed by the state's ``augment_key`` and step count; mixup's partner labels weigh into
+    the loss."""
 
     def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> TrainState:
-        mixed = augment(x, y, state.step) if augment is not None else None
+        mixed = augment(x, y, state.step, state.augment_key) if augment is not None else None
         if mixed is not None:
             x = mixed.x
 
@@ -88,8 +91,8 @@ def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(out, axis=1) == y)
         batch_metrics = jnp.stack([total, loss_sum, correct.astype(jnp.float32), jnp.float32(y.shape[0])])
-        return TrainState(params=params, rest=rest, opt_state=opt_state, step=state.step + 1,
-                          metrics=state.metrics + batch_metrics)
+        return state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1,
+                             metrics=state.metrics + batch_metrics)
 
     return train_step
 
@@ -106,34 +109,48 @@ def make_eval_step(graphs: Graphs, loss: str) -> Callable:
     return eval_step
 
 
-class EpochRunner:
-    """Runs one training epoch over device-resident arrays in the chosen path."""
+def index_batches(order: np.ndarray, batch_size: int, start: int = 0) -> Iterator[np.ndarray]:
+    """``order[..., start:]`` in batches of ``batch_size`` along its last axis, the last one
+    partial when the size does not divide (``DataLoader(drop_last=False)``)."""
+    for begin in range(start, order.shape[-1], batch_size):
+        yield order[..., begin:begin + batch_size]
 
-    def __init__(self, train_step: Callable, path: str, **jit_kwargs):
+
+class EpochRunner:
+    """Runs one training epoch over device-resident arrays in the chosen path.
+
+    ``stacked``: the state holds K models stacked along a leading axis and ``run`` takes K
+    epoch orders, shape (K, n); the step is ``jax.vmap``-ed over the models, sharing the data."""
+
+    def __init__(self, train_step: Callable, path: str, *, stacked: bool = False, **jit_kwargs):
         """``jit_kwargs`` (e.g. ``out_shardings``) go to every ``jax.jit`` of the runner."""
         self.path = path
+        self.stacked = stacked
+        self.train_step = train_step
 
         def gather_step(state, x_all, y_all, idx):
             return train_step(state, x_all[idx], y_all[idx])
 
+        step = jax.vmap(gather_step, in_axes=(0, None, None, 0)) if stacked else gather_step
+
         def scan_steps(state, x_all, y_all, idx_batches):
             def body(s, idx):
-                return gather_step(s, x_all, y_all, idx), None
+                return step(s, x_all, y_all, idx), None
 
             return jax.lax.scan(body, state, idx_batches)[0]
 
-        self._step = jax.jit(gather_step, donate_argnums=0, **jit_kwargs)
+        self._step = jax.jit(step, donate_argnums=0, **jit_kwargs)
         self._scan = jax.jit(scan_steps, donate_argnums=0, **jit_kwargs)
 
     def begin_epoch(self, state: TrainState) -> TrainState:
         """The state with the epoch's metric sums reset (a subclass may also place it)."""
         return state.replace(metrics=jnp.zeros_like(state.metrics))
 
-    def indices(self, order: np.ndarray, axis: int = 0) -> np.ndarray | jax.Array:
-        """An index batch (or, with ``axis=1``, a stack of them) as the jitted calls take it:
-        here the NumPy array itself, which jit transfers more cheaply than a ``jnp.asarray``
-        per batch (+8% per step for Net on CPU)."""
-        return np.asarray(order, np.int32)
+    def indices(self, idx: np.ndarray) -> np.ndarray | jax.Array:
+        """An index batch (or a stack of them; the batch is the last axis) as the jitted calls
+        take it: here the NumPy array itself, which jit transfers more cheaply than a
+        ``jnp.asarray`` per batch (+8% per step for Net on CPU)."""
+        return np.asarray(idx, np.int32)
 
     @property
     def step_fn(self) -> Callable:
@@ -142,27 +159,24 @@ class EpochRunner:
 
     def run(self, state: TrainState, x_all: jax.Array, y_all: jax.Array, order: np.ndarray, batch_size: int,
             on_batch: Callable[[int, TrainState], None] | None = None) -> TrainState:
-        """Train on ``order`` in batches of ``batch_size`` (last partial batch kept, like
-        ``DataLoader(drop_last=False)``). ``on_batch(num_done, state)`` is called after each
-        dispatched call (per batch on ``step``, once per epoch on ``scan``)."""
-        n = len(order)
-        full = n // batch_size
-        state = self.begin_epoch(state)
+        """Train on ``order`` (K orders when stacked) in batches of ``batch_size`` (last partial
+        batch kept, like ``DataLoader(drop_last=False)``). ``on_batch(num_done, state)`` is called
+        after each dispatched call (per batch on ``step``, once for the full batches on ``scan``)."""
         order = np.asarray(order, np.int32)
+        full = order.shape[-1] // batch_size
+        state = self.begin_epoch(state)
+        done = 0
         if self.path == "scan" and full:
-            idx = self.indices(order[: full * batch_size].reshape(full, batch_size), axis=1)
-            state = self._scan(state, x_all, y_all, idx)
+            batches = order[..., : full * batch_size].reshape(*order.shape[:-1], full, batch_size)
+            state = self._scan(state, x_all, y_all, self.indices(np.moveaxis(batches, -2, 0)))
+            done = full
             if on_batch:
-                on_batch(full, state)
-        else:
-            for b in range(full):
-                state = self._step(state, x_all, y_all, self.indices(order[b * batch_size:(b + 1) * batch_size]))
-                if on_batch:
-                    on_batch(b + 1, state)
-        if n % batch_size:
-            state = self._step(state, x_all, y_all, self.indices(order[full * batch_size:]))
+                on_batch(done, state)
+        for idx in index_batches(order, batch_size, start=done * batch_size):
+            state = self._step(state, x_all, y_all, self.indices(idx))
+            done += 1
             if on_batch:
-                on_batch(full + 1, state)
+                on_batch(done, state)
         return state
 
 

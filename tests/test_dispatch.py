@@ -125,4 +125,4 @@ def test_a_gpu_host_does_not_measure_cpu_code_it_will_not_run(fresh_cache):
     layer = dispatch.ConvLayer(4, 8, 8, (3, 3, 16, 8), ((1, 1), (1, 1)), None, None)
     with mock.patch.object(jax, "default_backend", return_value="gpu"), \
             mock.patch.object(dispatch, "measure", side_effect=AssertionError("measured")):
-        assert dispatch.choose(layer, "forward") == "xla"
+        assert dispatch.choose(layer, "forward", ops.FORWARD) == "xla"

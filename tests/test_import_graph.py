@@ -15,10 +15,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flaxcnn"
 
-#: Deferred (in-function) imports that still close a cycle. ``models.dispatch`` picks among the
-#: implementations of ``models.ops`` while ``ops`` asks ``dispatch`` which one runs; the pair is
-#: meant to be split when those files next change.
-KNOWN_DEFERRED_CYCLES = {frozenset({"flaxcnn.models.dispatch", "flaxcnn.models.ops"})}
+#: Deferred (in-function) imports that may close a cycle: none (``models.ops`` hands its
+#: implementation tables to ``models.dispatch.choose`` instead of dispatch importing ops).
+KNOWN_DEFERRED_CYCLES: set[frozenset[str]] = set()
 
 
 def module_names(package: Path = PACKAGE) -> dict[str, Path]:

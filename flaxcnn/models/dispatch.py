@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,14 +164,13 @@ class ConvLayer:
     def at_batch(self, n: int) -> "ConvLayer":
         return ConvLayer(n, self.h, self.w, self.kernel_shape, self.padding, self.precision, self.isa)
 
-    def candidates(self, part: str) -> list[str]:
-        from flaxcnn.models import ops
-
+    def candidates(self, part: str, table: Mapping[str, Any]) -> list[str]:
+        """The names in ``table`` (ops' implementations of ``part``) that can run this layer."""
         cpp = self.isa is not None and kernels.supports_conv(self.kernel_shape[2], self.kernel_shape[3],
                                                              jnp.float32)[part]
         if cpp and mode() == "kernels":
             return ["cpp"]
-        names = [name for name in ops.PARTS[part] if name != "cpp" or cpp]
+        names = [name for name in table if name != "cpp" or cpp]
         if cores() < 2:
             names = [name for name in names if not name.endswith("-split")]
         return names
@@ -183,10 +182,8 @@ class ConvLayer:
         g = rng.standard_normal((self.n, *self.out_hw, o)).astype(np.float32)
         return {"forward": (x, w), "kernel_grad": (x, g), "input_grad": (g, w)}[part]
 
-    def implementation(self, part: str, name: str):
-        from flaxcnn.models import ops
-
-        return ops.PARTS[part][name]
+    def implementation(self, part: str, impl: Callable) -> Callable:
+        return impl
 
 
 @dataclass(frozen=True)
@@ -209,12 +206,11 @@ class PoolLayer:
     def at_batch(self, n: int) -> "PoolLayer":
         return PoolLayer(n, self.h, self.w, self.c, self.k, self.isa)
 
-    def candidates(self, part: str) -> list[str]:
-        from flaxcnn.models import ops
-
+    def candidates(self, part: str, table: Mapping[str, Any]) -> list[str]:
+        """The names in ``table`` (ops' pool implementations) that can run this pool."""
         if self.isa is not None and mode() == "kernels":
             return ["cpp"]
-        return [name for name in ops.POOLS if name != "cpp" or self.isa is not None]
+        return [name for name in table if name != "cpp" or self.isa is not None]
 
     @property
     def x_shape(self) -> tuple[int, int, int, int]:
@@ -225,15 +221,12 @@ class PoolLayer:
         g = rng.standard_normal((self.n, self.h // self.k, self.w // self.k, self.c)).astype(np.float32)
         return x, g
 
-    def implementation(self, part: str, name: str):
+    def implementation(self, part: str, impl: Any) -> Callable:
         """"pool_forward" is the forward pass alone (evaluation), "pool" the forward and backward
         pass of training (they share the residual). Both are timed after a tanh: a pool's input
         is an activation in every network here, and XLA fuses the "taps" formulation into its
         producer (and recomputes the producer in each consumer), so a pool timed on its own would
         misstate it."""
-        from flaxcnn.models import ops
-
-        impl = ops.POOLS[name]
         if part == "pool_forward":
             return lambda x, g, layer: impl.forward(jnp.tanh(x), layer)
 
@@ -309,13 +302,14 @@ def clear_memory() -> None:
 
 # --- choosing --------------------------------------------------------------------------------------
 
-def choose(layer: ConvLayer | PoolLayer, part: str) -> str:
-    """The implementation of ``part`` ("forward", "kernel_grad", "input_grad"; "pool_forward" or
-    "pool") for
-    ``layer``: the only candidate, the cached choice, or the fastest on a measurement now."""
+def choose(layer: ConvLayer | PoolLayer, part: str, table: Mapping[str, Any]) -> str:
+    """The name of the implementation of ``part`` ("forward", "kernel_grad", "input_grad";
+    "pool_forward" or "pool") for ``layer``, out of ``table`` (name -> implementation, given by
+    :mod:`flaxcnn.models.ops`, so that this module never imports it): the only candidate, the
+    cached choice, or the fastest on a measurement now."""
     with _lock:
         cpu_memory.keep_freed_memory()
-        names = layer.candidates(part)
+        names = layer.candidates(part, table)
         key = f"{layer.key()} | {part}"
         if len(names) == 1:
             choice = names[0]
@@ -327,7 +321,7 @@ def choose(layer: ConvLayer | PoolLayer, part: str) -> str:
             # time for a branch that usually never runs.
             choice = "xla" if "xla" in names else names[0]
         else:
-            entry = measure(layer, part, names)
+            entry = measure(layer, part, {name: table[name] for name in names})
             _load()[key] = entry
             _save(key, entry)
             choice = entry["choice"]
@@ -335,7 +329,7 @@ def choose(layer: ConvLayer | PoolLayer, part: str) -> str:
         return choice
 
 
-def measure(layer: ConvLayer | PoolLayer, part: str, names: list[str]) -> dict[str, Any]:
+def measure(layer: ConvLayer | PoolLayer, part: str, implementations: Mapping[str, Any]) -> dict[str, Any]:
     """Times each candidate implementation of ``part`` on random data of the layer's shape (its
     batch class) on a CPU device, in a thread of its own (so that it is never staged into the
     function being traced), and returns the choice with the times in ms."""
@@ -347,14 +341,15 @@ def measure(layer: ConvLayer | PoolLayer, part: str, names: list[str]) -> dict[s
         _announced = True
     at = layer.at_batch(batch_class(layer.n))
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        times = pool.submit(_time_candidates, at, part, names).result()
+        times = pool.submit(_time_candidates, at, part, implementations).result()
     choice = min(times, key=times.get)
     _measuring_seconds += time.perf_counter() - started
     return {"choice": choice, "ms": {name: round(t * 1e3, 4) for name, t in times.items()},
             "layer": at.describe(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _time_candidates(layer: ConvLayer | PoolLayer, part: str, names: list[str]) -> dict[str, float]:
+def _time_candidates(layer: ConvLayer | PoolLayer, part: str, implementations: Mapping[str, Any]
+                     ) -> dict[str, float]:
     """Best-of-several time per candidate, taken in rounds (one call of each candidate per round),
     so that a slow spell of the machine -- frequent on small shared VMs, where the same step can
     vary by 20% from one run to the next -- falls on every candidate alike rather than on one."""
@@ -362,8 +357,9 @@ def _time_candidates(layer: ConvLayer | PoolLayer, part: str, names: list[str]) 
     rng = np.random.default_rng(0)
     args = [jax.device_put(a, cpu) for a in layer.example(part, rng)]
     compiled = {}
+    names = list(implementations)
     for name in names:
-        impl = layer.implementation(part, name)
+        impl = layer.implementation(part, implementations[name])
         compiled[name] = jax.jit(lambda a, b, impl=impl: impl(a, b, layer)).lower(*args).compile()
         jax.block_until_ready(compiled[name](*args))  # first call: allocation, thread pool start
     best = dict.fromkeys(names, math.inf)

@@ -148,7 +148,7 @@ def conv2d(x: jax.Array, w: jax.Array, layer: "dispatch.ConvLayer") -> jax.Array
     use (evaluation) never measures them. Parts are independent: any forward can pair with any
     gradient, and each computes the same mathematical operation.
     """
-    return FORWARD[dispatch.choose(layer, "forward")](x, w, layer)
+    return FORWARD[dispatch.choose(layer, "forward", FORWARD)](x, w, layer)
 
 
 def _conv2d_fwd(x, w, layer):
@@ -160,8 +160,8 @@ def _conv2d_fwd(x, w, layer):
 
 def _conv2d_bwd(layer, residuals, g):
     x, w, w_perturbed = residuals
-    grad_x = None if w is None else INPUT_GRAD[dispatch.choose(layer, "input_grad")](g, w, layer)
-    grad_w = KERNEL_GRAD[dispatch.choose(layer, "kernel_grad")](x, g, layer) if w_perturbed else None
+    grad_x = None if w is None else INPUT_GRAD[dispatch.choose(layer, "input_grad", INPUT_GRAD)](g, w, layer)
+    grad_w = KERNEL_GRAD[dispatch.choose(layer, "kernel_grad", KERNEL_GRAD)](x, g, layer) if w_perturbed else None
     return grad_x, grad_w
 
 
@@ -362,17 +362,17 @@ def pool2d(x: jax.Array, pool: "dispatch.PoolLayer") -> jax.Array:
     """The max-pool by the implementation dispatch chose: for a forward pass alone (this body
     runs only when nothing differentiates it: evaluation) the fastest forward pass; under
     differentiation (:func:`_pool2d_fwd`) the fastest forward-and-backward pair."""
-    return POOLS[dispatch.choose(pool, "pool_forward")].forward(x, pool)
+    return POOLS[dispatch.choose(pool, "pool_forward", POOLS)].forward(x, pool)
 
 
 def _pool2d_fwd(x, pool):
-    y, first = POOLS[dispatch.choose(pool, "pool")].train_forward(x, pool)
+    y, first = POOLS[dispatch.choose(pool, "pool", POOLS)].train_forward(x, pool)
     return y, (first, x.shape)
 
 
 def _pool2d_bwd(pool, residuals, g):
     first, shape = residuals
-    return (POOLS[dispatch.choose(pool, "pool")].backward(first, g, pool, shape),)
+    return (POOLS[dispatch.choose(pool, "pool", POOLS)].backward(first, g, pool, shape),)
 
 
 pool2d.defvjp(_pool2d_fwd, _pool2d_bwd)

@@ -101,8 +101,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from flaxcnn.train.crossval import run_cv
+    from flaxcnn.train.crossval import merge_files, run_cv
 
+    if args.merge:
+        if not args.out:
+            raise ConfigError("--merge needs --out, the folder for the merged cv.json and cv.md")
+        merge_files(args.merge, args.out, quiet=args.quiet)
+        return 0
     config = config_from_args(args)
     run_cv(config, args.out or f"runs/cv-{_run_name(config)}", folds=args.folds,
            seeds=args.seeds, quiet=args.quiet, final=args.final, only_folds=args.only_folds)
@@ -244,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only these folds (1-based, e.g. 2,3) to spread a protocol over processes")
     p.add_argument("--final", action="store_true",
                    help="then train the final model on every example into OUT/final (seed: the first seed)")
+    p.add_argument("--merge", nargs="+", metavar="CV_JSON",
+                   help="train nothing: merge cv.json files (or their folders) of one protocol, e.g. seeds run on "
+                        "different machines, into OUT/cv.json and cv.md")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cv)
 

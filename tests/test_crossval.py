@@ -154,3 +154,18 @@ def test_merge_joins_seeds_of_one_protocol_and_refuses_another():
         crossval.merge([a, {**b, "fold_seed": 7}])
     with pytest.raises(ConfigError, match="seed 0 fold 1 appears twice with different held-out accuracies"):
         crossval.merge([a, _cv_result([0], {(0, 1): 0.1})])
+
+
+def test_cv_merge_command_writes_one_result(tmp_path, capsys):
+    a = _cv_result([0], {(0, 1): 0.9, (0, 2): 0.8})
+    b = _cv_result([1], {(1, 1): 0.7, (1, 2): 0.6})
+    for name, result in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cv.json").write_text(json.dumps(result))
+    out = tmp_path / "merged"
+    assert main(["cv", "--merge", str(tmp_path / "a"), str(tmp_path / "b" / "cv.json"), "--out", str(out), "--quiet"]) == 0
+    merged = json.loads((out / "cv.json").read_text())
+    assert merged["seeds"] == [0, 1] and merged["mean"] == pytest.approx(0.75)
+    assert "Held-out accuracy 0.7500" in (out / "cv.md").read_text()
+    assert main(["cv", "--merge", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "--merge: no cv.json at" in capsys.readouterr().err

@@ -247,14 +247,14 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     if not results:
         raise ConfigError("nothing to merge: give at least one cv.json")
     first = results[0]
-    settings = {k: v for k, v in first["config"].items() if k not in ("seed", "out")}
+    settings = _comparable(first["config"])
     runs: dict[tuple[int, int], dict] = {}
     for index, result in enumerate(results):
         for key in _PROTOCOL:
             if result.get(key) != first.get(key):
                 raise ConfigError(f"cv result {index + 1} differs from the first in {key!r}: "
                                   f"{result.get(key)!r} != {first.get(key)!r}; only one protocol can be merged")
-        other = {k: v for k, v in result["config"].items() if k not in ("seed", "out")}
+        other = _comparable(result["config"])
         differing = sorted(k for k in settings.keys() | other.keys() if settings.get(k) != other.get(k))
         if differing:
             raise ConfigError(f"cv result {index + 1} was trained with other settings than the first "
@@ -268,6 +268,36 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = [runs[k] for k in sorted(runs)]
     seeds = sorted({seed for seed, _ in runs})
     return {**{k: first[k] for k in ("config", *_PROTOCOL)}, "seeds": seeds, "runs": ordered, **aggregate(ordered)}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A cv.json's settings with per-dataset defaults resolved (older files kept them unresolved,
+    as nulls), without what differs between parts of one protocol (seed, output directory)."""
+    try:
+        config = TrainConfig.from_json(config).resolved().to_json()
+    except (ConfigError, TypeError, ValueError):
+        pass  # compared as written
+    return {k: v for k, v in config.items() if k not in ("seed", "out")}
+
+
+def merge_files(paths: list[str | Path], out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
+    """``flaxcnn cv --merge``: :func:`merge` of ``cv.json`` files into ``OUT/cv.json`` and ``cv.md``."""
+    results = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "cv.json"
+        if not path.exists():
+            raise ConfigError(f"--merge: no cv.json at {path}")
+        results.append(read_json(path))
+    result = merge(results)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "cv.json", result)
+    (out / "cv.md").write_text(markdown(result))
+    say(f"cv: merged {len(paths)} results: held-out accuracy {result['mean']:.4f} +- {result['std']:.4f} over "
+        f"{len(result['runs'])} runs ({len(result['seeds'])} seeds) -> {out / 'cv.md'}", quiet=quiet)
+    return result
 
 
 def aggregate(runs: list[dict]) -> dict[str, Any]:

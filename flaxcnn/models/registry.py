@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any, Literal
 
-import jax
 from flax import nnx
 
 from flaxcnn.errors import ConfigError
@@ -37,7 +35,7 @@ class ModelSpec:
         kwargs = dict(self.kwargs)
         if num_classes is not None:
             kwargs["num_classes"] = int(num_classes)
-        return initialised(lambda: self.flax_class(**kwargs, init=init, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
+        return self.flax_class(**kwargs, init=init, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
     def torch_class(self):
         """The PyTorch reference class (imports torch)."""
@@ -52,22 +50,6 @@ class ModelSpec:
 
     def example_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, *self.input_chw)
-
-
-#: XLA's LLVM optimisation level for the one-off initialisation call: level 1 compiles it about
-#: twice as fast as the default (measured: Net 1.6 s instead of 3.5 s of a first run on 2 cores,
-#: built eagerly one random draw at a time) with the same bits; level 0 changes the last bit of
-#: some weights (no fused multiply-add), so it is not used.
-INIT_OPTIMIZATION_LEVEL = 1
-
-
-def initialised(make: Callable[[], nnx.Module]) -> nnx.Module:
-    """``make()`` with its parameters drawn in one jitted call instead of one compiled call per
-    random draw: the same values, a shorter first run."""
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    draw = jax.jit(lambda: nnx.split(make())[1]).lower()
-    state = draw.compile(compiler_options={"xla_backend_optimization_level": INIT_OPTIMIZATION_LEVEL})()
-    return nnx.merge(graphdef, state)
 
 
 MODELS: dict[str, ModelSpec] = {}

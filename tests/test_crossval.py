@@ -135,13 +135,14 @@ def _cv_result(seeds: list[int], accuracies: dict[tuple[int, int], float], **con
     runs = [{"seed": s, "fold": f, "run_dir": f"r/seed{s}/fold{f}", "held_out": 10, "held_out_accuracy": a,
              "train_accuracy": 1.0, "seconds": 1.0} for (s, f), a in sorted(accuracies.items())]
     return {"config": {"model": "speechresnet", "lr": 0.02, "seed": seeds[0], "out": "x", **config},
-            "data": "d", "folds": 2, "fold_seed": 42, "grouping": "speaker", "fold_sizes": [10, 10],
+            "data": "speech lab arrays in /abs/d: 20 clips, 3 classes", "folds": 2, "fold_seed": 42, "grouping": "speaker", "fold_sizes": [10, 10],
             "seeds": seeds, "runs": runs, **crossval.aggregate(runs)}
 
 
 def test_merge_joins_seeds_of_one_protocol_and_refuses_another():
     a = _cv_result([0, 1], {(0, 1): 0.9, (0, 2): 0.8, (1, 1): 0.7, (1, 2): 0.6})
-    b = _cv_result([2], {(2, 1): 1.0, (2, 2): 0.5}, out="elsewhere")
+    b = _cv_result([2], {(2, 1): 1.0, (2, 2): 0.5}, out="elsewhere", data_dir="../d")
+    b["data"] = "speech lab arrays in ../d: 20 clips, 3 classes"  # the same clips, named by another path
     merged = crossval.merge([b, a])
     assert merged["seeds"] == [0, 1, 2] and len(merged["runs"]) == 6
     assert [(r["seed"], r["fold"]) for r in merged["runs"]] == [(s, f) for s in (0, 1, 2) for f in (1, 2)]
@@ -152,6 +153,8 @@ def test_merge_joins_seeds_of_one_protocol_and_refuses_another():
         crossval.merge([a, _cv_result([2], {(2, 1): 1.0}, lr=0.1)])
     with pytest.raises(ConfigError, match="differs from the first in 'fold_seed'"):
         crossval.merge([a, {**b, "fold_seed": 7}])
+    with pytest.raises(ConfigError, match="differs from the first in 'data'"):
+        crossval.merge([a, {**b, "data": "speech lab arrays in /abs/d: 21 clips, 3 classes"}])
     with pytest.raises(ConfigError, match="seed 0 fold 1 appears twice with different held-out accuracies"):
         crossval.merge([a, _cv_result([0], {(0, 1): 0.1})])
 

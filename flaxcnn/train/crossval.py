@@ -251,7 +251,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     runs: dict[tuple[int, int], dict] = {}
     for index, result in enumerate(results):
         for key in _PROTOCOL:
-            if result.get(key) != first.get(key):
+            if _where_free(key, result.get(key)) != _where_free(key, first.get(key)):
                 raise ConfigError(f"cv result {index + 1} differs from the first in {key!r}: "
                                   f"{result.get(key)!r} != {first.get(key)!r}; only one protocol can be merged")
         other = _comparable(result["config"])
@@ -272,12 +272,21 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A cv.json's settings with per-dataset defaults resolved (older files kept them unresolved,
-    as nulls), without what differs between parts of one protocol (seed, output directory)."""
+    as nulls), without what differs between parts of one protocol (seed, output and data folder:
+    the data itself is compared by its description and fold sizes)."""
     try:
         config = TrainConfig.from_json(config).resolved().to_json()
     except (ConfigError, TypeError, ValueError):
         pass  # compared as written
-    return {k: v for k, v in config.items() if k not in ("seed", "out")}
+    return {k: v for k, v in config.items() if k not in ("seed", "out", "data_dir")}
+
+
+def _where_free(key: str, value: Any) -> Any:
+    """The data description without the folder it was read from (the same clips on another
+    machine, or named by another path, are the same protocol; the clip counts must agree)."""
+    if key != "data" or not isinstance(value, str) or " in " not in value or ": " not in value:
+        return value
+    return value.split(" in ", 1)[0] + ": " + value.rsplit(": ", 1)[1]
 
 
 def merge_files(paths: list[str | Path], out: str | Path, *, quiet: bool = False) -> dict[str, Any]:

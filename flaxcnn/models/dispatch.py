@@ -22,6 +22,12 @@ Setting (``--conv-impl`` / ``TrainConfig.conv_impl`` / ``$FLAXCNN_CONV_IMPL``):
              XLA formulation elsewhere
 ``xla``      the measured fastest XLA formulation; the C++ kernels are never used
 
+A layer part timed alone is not that part inside its training step (XLA runs a step's independent
+ops concurrently and fuses across their edges), so the step path also times the whole training
+step in each of its variants -- ``measured`` (each part's fastest), ``kernels`` (the C++ kernels
+wherever they apply) and ``xla`` (XLA's formulations only), built from the same measurements
+under :func:`policy` -- and runs the fastest (:mod:`flaxcnn.train.step_choice`).
+
 Every batch size is measured at 64, the lab's batch: a run's last partial batch, the speech
 lab's 256 and evaluation's 1000 share that measurement (per-sample costs at 64 stand for them;
 measuring each size would multiply the one-time cost, which is bounded to keep a first run short).
@@ -39,6 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,8 @@ import numpy as np
 from flaxcnn import cpu_memory, kernels
 
 MODES = ("auto", "kernels", "xla")
+#: the variants of a traced function under ``auto`` (see :func:`policy`)
+POLICIES = ("measured", "kernels", "xla")
 #: the batch every measurement uses (see the module docstring)
 MEASURED_BATCH = 64
 #: timing rounds per layer part (each times every remaining candidate once), the time after which
@@ -60,10 +69,12 @@ TIMED_ROUNDS, TIME_PER_LAYER_PART_S, HOPELESS_FACTOR = 7, 0.15, 3.0
 _lock = threading.RLock()
 _mode_override: str | None = None
 _switched_off = threading.local()
+_tracing = threading.local()  # this thread's policy and recording (policy(), recording())
 _choices: dict[str, dict[str, Any]] | None = None  # the cache file's content
 _used: dict[str, dict[str, str]] = {}  # what this process used, by layer description
 _announced = False
 _measuring_seconds = 0.0  # spent measuring in this process
+_steps: list[dict[str, Any]] = []  # whole-step choices this process made or read (flaxcnn.train.step_choice)
 
 
 class DispatchConfigError(ValueError):
@@ -109,6 +120,42 @@ def is_switched_off() -> bool:
     return bool(getattr(_switched_off, "depth", 0))
 
 
+@contextlib.contextmanager
+def policy(name: str) -> Iterator[None]:
+    """Within this block (while a function is traced) under ``auto``, each layer part is chosen by
+    ``name``: ``measured`` its measured fastest implementation; ``kernels`` the C++ kernel
+    wherever it has the part (as ``--conv-impl kernels``); ``xla`` the fastest XLA formulation
+    (as ``--conv-impl xla``). All three read one measurement of every candidate. Other modes
+    ignore it."""
+    if name not in POLICIES:
+        raise DispatchConfigError(f"policy must be one of {', '.join(POLICIES)}, got {name!r}")
+    outer = getattr(_tracing, "policy", "measured")
+    _tracing.policy = name
+    try:
+        yield
+    finally:
+        _tracing.policy = outer
+
+
+def current_policy() -> str:
+    return getattr(_tracing, "policy", "measured")
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[tuple[str, str], str]]:
+    """Collects ``{(layer description, part): implementation}`` for every choice made in this
+    thread within the block (what a traced function uses)."""
+    outer = getattr(_tracing, "record", None)
+    record: dict[tuple[str, str], str] = {}
+    _tracing.record = record
+    try:
+        yield record
+    finally:
+        _tracing.record = outer
+        if outer is not None:
+            outer.update(record)
+
+
 def cores() -> int:
     """Cores this process may run on (the batch-slice implementations cut one slice per core)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -142,6 +189,9 @@ class ConvLayer:
     padding: tuple[tuple[int, int], tuple[int, int]]
     precision: Any
     isa: str | None  # the C++ variant, None when the kernels are not used
+    # how the part is chosen (policy()); a field, so that a function traced under another
+    # policy never shares a cached trace with this one; not in the measurement's key
+    policy: str = "measured"
 
     def input_shape_for(self, n: int) -> tuple[int, int, int, int]:
         return (n, self.h, self.w, self.kernel_shape[2])
@@ -162,7 +212,7 @@ class ConvLayer:
                 f"prec {self.precision} isa {self.isa} mode {mode()}")
 
     def at_batch(self, n: int) -> "ConvLayer":
-        return ConvLayer(n, self.h, self.w, self.kernel_shape, self.padding, self.precision, self.isa)
+        return dataclasses.replace(self, n=n)
 
     def candidates(self, part: str, table: Mapping[str, Any]) -> list[str]:
         """The names in ``table`` (ops' implementations of ``part``) that can run this layer."""
@@ -196,6 +246,7 @@ class PoolLayer:
     c: int
     k: int
     isa: str | None
+    policy: str = "measured"  # as ConvLayer.policy
 
     def describe(self) -> str:
         return f"max_pool {self.k}x{self.k} on {self.h}x{self.w}x{self.c}, batch {self.n}"
@@ -204,7 +255,7 @@ class PoolLayer:
         return f"pool n{batch_class(self.n)} {self.h}x{self.w}x{self.c} k{self.k} isa {self.isa} mode {mode()}"
 
     def at_batch(self, n: int) -> "PoolLayer":
-        return PoolLayer(n, self.h, self.w, self.c, self.k, self.isa)
+        return dataclasses.replace(self, n=n)
 
     def candidates(self, part: str, table: Mapping[str, Any]) -> list[str]:
         """The names in ``table`` (ops' pool implementations) that can run this pool."""
@@ -242,14 +293,14 @@ def conv_layer(x_shape, w_shape, padding, dtype, precision) -> ConvLayer | None:
     if is_switched_off() or jnp.dtype(dtype) != jnp.float32:
         return None
     n, h, w, _ = (int(v) for v in x_shape)
-    return ConvLayer(n, h, w, tuple(int(v) for v in w_shape), padding, precision, _kernel_isa())
+    return ConvLayer(n, h, w, tuple(int(v) for v in w_shape), padding, precision, _kernel_isa(), current_policy())
 
 
 def pool_layer(x_shape, k: int, dtype) -> PoolLayer | None:
     if is_switched_off() or jnp.dtype(dtype) != jnp.float32 or len(x_shape) != 4:
         return None
     n, h, w, c = (int(v) for v in x_shape)
-    return PoolLayer(n, h, w, c, int(k), _kernel_isa())
+    return PoolLayer(n, h, w, c, int(k), _kernel_isa(), current_policy())
 
 
 # --- the cache -------------------------------------------------------------------------------------
@@ -298,6 +349,7 @@ def clear_memory() -> None:
     with _lock:
         _choices = None
         _used.clear()
+        _steps.clear()
 
 
 # --- choosing --------------------------------------------------------------------------------------
@@ -305,28 +357,68 @@ def clear_memory() -> None:
 def choose(layer: ConvLayer | PoolLayer, part: str, table: Mapping[str, Any]) -> str:
     """The name of the implementation of ``part`` ("forward", "kernel_grad", "input_grad";
     "pool_forward" or "pool") for ``layer``, out of ``table`` (name -> implementation, given by
-    :mod:`flaxcnn.models.ops`, so that this module never imports it): the only candidate, the
-    cached choice, or the fastest on a measurement now."""
+    :mod:`flaxcnn.models.ops`, so that this module never imports it): the only candidate, or
+    by the layer's :func:`policy` from the cached measurement or one made now."""
     with _lock:
         cpu_memory.keep_freed_memory()
         names = layer.candidates(part, table)
+        chosen_by = layer.policy if mode() == "auto" else "measured"
+        allowed = [name for name in names if name != "cpp"] if chosen_by == "xla" else names
         key = f"{layer.key()} | {part}"
-        if len(names) == 1:
-            choice = names[0]
-        elif key in _load() and _load()[key].get("choice") in names:
-            choice = _load()[key]["choice"]
+        cached = _load().get(key, {})
+        if len(allowed) == 1:
+            choice = allowed[0]
+        elif chosen_by == "kernels" and "cpp" in allowed:
+            choice = "cpp"
+        elif cached.get("choice") in names and set(allowed) <= set(cached.get("ms", {})):
+            choice = cached["choice"] if chosen_by == "measured" else min(allowed, key=cached["ms"].get)
         elif jax.default_backend() != "cpu":
             # A CPU branch traced on a GPU/TPU host (lax.platform_dependent traces every branch):
             # XLA's convolution is correct on CPU too, and measuring CPU code there would cost
             # time for a branch that usually never runs.
-            choice = "xla" if "xla" in names else names[0]
+            choice = "xla" if "xla" in allowed else allowed[0]
         else:
             entry = measure(layer, part, {name: table[name] for name in names})
             _load()[key] = entry
             _save(key, entry)
-            choice = entry["choice"]
+            choice = entry["choice"] if chosen_by == "measured" else min(allowed, key=entry["ms"].get)
         _used.setdefault(layer.describe(), {})[part] = choice
+        record = getattr(_tracing, "record", None)
+        if record is not None:
+            record[(layer.describe(), part)] = choice
         return choice
+
+
+def cached(key: str) -> dict[str, Any] | None:
+    """A cache entry by its key (layer parts' keys are made here; others, e.g. a whole step's,
+    by their module)."""
+    with _lock:
+        return _load().get(key)
+
+
+def save(key: str, entry: dict[str, Any]) -> None:
+    with _lock:
+        _load()[key] = entry
+        _save(key, entry)
+
+
+def note_step(entry: dict[str, Any]) -> None:
+    """Records a whole-step choice this process runs (for :func:`summary`)."""
+    with _lock:
+        _steps.append(entry)
+
+
+def note_used(choices: Mapping[tuple[str, str], str]) -> None:
+    """Records ``choices`` (from :func:`recording`) as what this process uses: the variant of a
+    function that runs, after others were traced beside it."""
+    with _lock:
+        for (layer, part), choice in choices.items():
+            _used.setdefault(layer, {})[part] = choice
+
+
+def add_measuring_seconds(seconds: float) -> None:
+    global _measuring_seconds
+    _measuring_seconds += seconds
 
 
 def measure(layer: ConvLayer | PoolLayer, part: str, implementations: Mapping[str, Any]) -> dict[str, Any]:
@@ -387,6 +479,7 @@ def used() -> list[dict[str, Any]]:
 def reset_used() -> None:
     with _lock:
         _used.clear()
+        _steps.clear()
 
 
 def summary() -> dict[str, Any]:
@@ -397,4 +490,5 @@ def summary() -> dict[str, Any]:
         isa = f"invalid ({err})"
     return {"conv_impl": mode(), "kernel_isa": isa, "kernels_available": mode() != "xla" and _kernel_isa() is not None,
             "cpu_cores": cores(), "freed_memory": cpu_memory.state(),
-            "measuring_seconds_this_process": round(_measuring_seconds, 2), "layers": used()}
+            "measuring_seconds_this_process": round(_measuring_seconds, 2), "layers": used(),
+            "training_steps": list(_steps)}

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from flaxcnn.train import step_choice
 from flaxcnn.train.optim import l2_penalty, per_example_loss
 from flaxcnn.train.state import Graphs, TrainState
 
@@ -139,7 +140,11 @@ class EpochRunner:
 
             return jax.lax.scan(body, state, idx_batches)[0]
 
-        self._step = jax.jit(step, donate_argnums=0, **jit_kwargs)
+        # the step path runs the fastest of the step's dispatch variants, chosen at its first call
+        # (flaxcnn.train.step_choice); until then, and on the scan path, the per-part choices
+        self._variants = step_choice.policy_variants(step, **jit_kwargs)
+        self._step = self._variants["measured"]
+        self._step_chosen = path != "step"
         self._scan = jax.jit(scan_steps, donate_argnums=0, **jit_kwargs)
 
     def begin_epoch(self, state: TrainState) -> TrainState:
@@ -151,6 +156,14 @@ class EpochRunner:
         take it: here the NumPy array itself, which jit transfers more cheaply than a
         ``jnp.asarray`` per batch (+8% per step for Net on CPU)."""
         return np.asarray(idx, np.int32)
+
+    def choose_step(self, state: TrainState, x_all: jax.Array, y_all: jax.Array, idx) -> None:
+        """Picks the step variant to run, timing them on these arguments if not cached
+        (:func:`flaxcnn.train.step_choice.fastest`); once per runner."""
+        platforms = {d.platform for d in x_all.devices()} if isinstance(x_all, jax.Array) else {"cpu"}
+        platform = platforms.pop() if len(platforms) == 1 else "mixed"
+        self._step = step_choice.fastest(self._variants, (state, x_all, y_all, idx), platform)
+        self._step_chosen = True
 
     @property
     def step_fn(self) -> Callable:
@@ -173,6 +186,8 @@ class EpochRunner:
             if on_batch:
                 on_batch(done, state)
         for idx in index_batches(order, batch_size, start=done * batch_size):
+            if not self._step_chosen:
+                self.choose_step(state, x_all, y_all, self.indices(idx))
             state = self._step(state, x_all, y_all, self.indices(idx))
             done += 1
             if on_batch:

@@ -104,3 +104,15 @@ def test_an_unknown_policy_is_refused():
     with pytest.raises(dispatch.DispatchConfigError, match="policy must be one of measured, kernels, xla"):
         with dispatch.policy("fastest"):
             pass
+
+
+@needs_kernels
+@pytest.mark.parametrize("planned_steps, timed", [(3, False), (10**9, True)])
+def test_variants_are_timed_only_where_it_repays_itself(fresh_cache, planned_steps, timed):
+    entry = {"choice": "kernels", "ms": {"measured": 2.0, "kernels": 1.0}, "same_as": {}}
+    runner, state, x, y = _session()
+    runner.planned_steps = planned_steps
+    with mock.patch.object(step_choice, "_measure", return_value=entry) as measure:
+        _train(runner, state, x, y)
+    assert measure.called == timed
+    assert dispatch.summary()["training_steps"] == ([entry] if timed else [])

@@ -88,11 +88,8 @@ register(ModelSpec("speechnet", speech.SpeechNet, "parity.references:SpeechNet",
 register(ModelSpec("speechresnet", speech.SpeechResNet, "parity.references:SpeechResNet", _SPEECH, "nll", "speech",
                    description="speech exercise: input BN, stem conv3x3 16, residual stages 16-32-64 "
                                "(pool, 2 conv3x3-BN + shortcut), GAP, fc"))
-# Candidates screened for the speech exercise by speaker-grouped cross-validation
-# (benchmarks/results/speech_cv/screen.md): the same class and reference with other sizes.
+# A candidate screened for the speech exercise by speaker-grouped cross-validation
+# (benchmarks/results/speech_cv/screen.md): the same class and reference, twice the channels.
 register(ModelSpec("speechresnet-wide", speech.SpeechResNet, "parity.references:SpeechResNet", _SPEECH, "nll",
                    "speech", kwargs={"channels": (32, 64, 128)},
                    description="SpeechResNet with twice the channels: stages 32-64-128"))
-register(ModelSpec("speechresnet-deep", speech.SpeechResNet, "parity.references:SpeechResNet", _SPEECH, "nll",
-                   "speech", kwargs={"blocks": 2},
-                   description="SpeechResNet with two residual blocks per stage (16-32-64)"))

@@ -108,12 +108,12 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None,
     config = dataclasses.replace(config, path=default_path() if config.path == "auto" else config.path)
     members = tuple(dataclasses.replace(m.resolved(domain), path=config.path) for m in members)
     num_classes = config.num_classes or dataset.num_classes
+    steps_per_epoch = -(-len(dataset.train) // config.batch_size)
     if members:
         tx = stackable_sgd(config.lr, config.momentum, config.weight_decay)  # each member's values are in its state
         graphs, _, _ = split_model(spec.build(num_classes, seed=config.seed, init=config.init))
         state = initial_states(spec, num_classes, members)
     else:
-        steps_per_epoch = -(-len(dataset.train) // config.batch_size)
         tx = sgd(learning_rate(config.lr, config.schedule, config.epochs * steps_per_epoch), config.momentum,
                  config.weight_decay)
         graphs, state = create_state(spec.build(num_classes, seed=config.seed, init=config.init), tx, config.seed)
@@ -123,8 +123,8 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None,
     splits = {"train": dataset.train, "test": dataset.test}
     if dataset.val is not None:
         splits["val"] = dataset.val
-    session = Session(config, spec, dataset, graphs, tx, state, EpochRunner(train_step, config.path,
-                                                                            stacked=bool(members)),
+    runner = EpochRunner(train_step, config.path, stacked=bool(members), planned_steps=config.epochs * steps_per_epoch)
+    session = Session(config, spec, dataset, graphs, tx, state, runner,
                       Evaluator(graphs, spec.loss, config.eval_batch_size),
                       {name: _to_device(split) for name, split in splits.items()}, members)
     return distributed.data_parallel(session)  # unchanged on one device in one process

@@ -13,6 +13,12 @@ only), compiles the distinct ones, times them in interleaved rounds on the run's
 (state copies: nothing trains), and runs the fastest. The choice is cached with dispatch's,
 keyed by the lowered step itself (model, batch shape, optimiser, the per-part choices), so the
 same machine and cache run the same variant, and the same bits, every time.
+
+A run that knows how many steps it will take (``planned_steps``: ``flaxcnn train`` and ``cv``)
+skips the timing, and runs the per-part choices, when the timing would cost more than
+:data:`MAX_SHARE_OF_TRAINING` of the training it chooses for (the cost is estimated from the
+per-part variant's own compile and step time): the README's 600-image sample run and the test
+suite's tiny runs, say, where the other variants' compiles alone would outweigh any gain.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from flaxcnn.models import dispatch
 #: MIN_ROUNDS run), and how far behind after MIN_ROUNDS a variant is timed no further: a bound on
 #: the one-time cost of a new step (SpeechResNet's step takes about 60 ms on 2 cores)
 MAX_ROUNDS, MIN_ROUNDS, TIME_BUDGET_S, HOPELESS_FACTOR = 15, 4, 1.5, 1.5
+#: the most of a run's planned training time the timing may cost (a bound on overhead, not a
+#: property of any machine)
+MAX_SHARE_OF_TRAINING = 0.1
 
 
 def under_policy(name: str, step: Callable) -> Callable:
@@ -47,11 +56,13 @@ def policy_variants(step: Callable, **jit_kwargs: Any) -> dict[str, Callable]:
     return {name: jax.jit(under_policy(name, step), donate_argnums=0, **jit_kwargs) for name in dispatch.POLICIES}
 
 
-def fastest(variants: Mapping[str, Callable], args: Sequence[Any], platform: str) -> Callable:
+def fastest(variants: Mapping[str, Callable], args: Sequence[Any], platform: str,
+            planned_steps: int | None = None) -> Callable:
     """The fastest of ``variants`` (policy -> jitted step taking ``args``, state first and
     donated) on ``args``: the cached choice, or one timed now. Variants that trace to the same
     per-part choices are one; where only one is left, or off CPU, or under a forced
-    ``--conv-impl``, nothing is timed."""
+    ``--conv-impl``, or where timing would not repay itself in ``planned_steps`` steps (None:
+    unknown, time them), nothing is timed."""
     if platform != "cpu" or dispatch.mode() != "auto":
         return variants["measured"]
     choices, traced = {}, {}
@@ -71,6 +82,8 @@ def fastest(variants: Mapping[str, Callable], args: Sequence[Any], platform: str
     key = "step " + hashlib.sha256(traced["measured"].lower().as_text().encode()).hexdigest()[:16]
     entry = dispatch.cached(key)
     if entry is None or entry.get("choice") not in names:
+        if planned_steps is not None and not _repays(variants["measured"], args, len(names), planned_steps):
+            return variants["measured"]
         entry = _measure({name: variants[name] for name in names}, args, key, aliases)
         dispatch.save(key, entry)
     dispatch.note_used(choices[entry["choice"]])
@@ -78,26 +91,36 @@ def fastest(variants: Mapping[str, Callable], args: Sequence[Any], platform: str
     return variants[entry["choice"]]
 
 
+def _call_seconds(step: Callable, args: Sequence[Any]) -> float:
+    """One call of ``step`` on a copy of the (donated) state, in seconds."""
+    fresh = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), args[0]))
+    begin = time.perf_counter()
+    jax.block_until_ready(step(fresh, *args[1:]))
+    return time.perf_counter() - begin
+
+
+def _repays(measured: Callable, args: Sequence[Any], num_variants: int, planned_steps: int) -> bool:
+    """Whether timing ``num_variants`` variants costs at most :data:`MAX_SHARE_OF_TRAINING` of
+    ``planned_steps`` steps: the per-part variant's first call (its compile) stands for each
+    other variant's compile, its second call for a step."""
+    compile_s = _call_seconds(measured, args)
+    step_s = _call_seconds(measured, args)
+    cost = (num_variants - 1) * compile_s + MIN_ROUNDS * num_variants * step_s
+    return cost <= MAX_SHARE_OF_TRAINING * planned_steps * step_s
+
+
 def _measure(variants: Mapping[str, Callable], args: Sequence[Any], key: str,
              aliases: Mapping[str, list[str]]) -> dict[str, Any]:
     print(f"flaxcnn: timing the training step in {len(variants)} variants ({', '.join(variants)}) "
           f"on this machine (once; cached in {dispatch.cache_path()})", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    state, rest = args[0], tuple(args[1:])
-
-    def call(step: Callable) -> float:
-        fresh = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), state))  # the state is donated
-        begin = time.perf_counter()
-        jax.block_until_ready(step(fresh, *rest))
-        return time.perf_counter() - begin
-
     for step in variants.values():
-        call(step)  # compile and first call
+        _call_seconds(step, args)  # compile and first call
     best = dict.fromkeys(variants, math.inf)
     alive, spent = list(variants), 0.0
     for round_ in range(MAX_ROUNDS):
         for name in alive:
-            elapsed = call(variants[name])
+            elapsed = _call_seconds(variants[name], args)
             best[name], spent = min(best[name], elapsed), spent + elapsed
         if round_ + 1 >= MIN_ROUNDS:
             alive = [name for name in alive if best[name] <= HOPELESS_FACTOR * min(best.values())]

@@ -123,9 +123,13 @@ class EpochRunner:
     ``stacked``: the state holds K models stacked along a leading axis and ``run`` takes K
     epoch orders, shape (K, n); the step is ``jax.vmap``-ed over the models, sharing the data."""
 
-    def __init__(self, train_step: Callable, path: str, *, stacked: bool = False, **jit_kwargs):
-        """``jit_kwargs`` (e.g. ``out_shardings``) go to every ``jax.jit`` of the runner."""
+    def __init__(self, train_step: Callable, path: str, *, stacked: bool = False, planned_steps: int | None = None,
+                 **jit_kwargs):
+        """``planned_steps``: the steps the run will take, when known (see
+        :mod:`flaxcnn.train.step_choice`); ``jit_kwargs`` (e.g. ``out_shardings``) go to every
+        ``jax.jit`` of the runner."""
         self.path = path
+        self.planned_steps = planned_steps
         self.stacked = stacked
         self.train_step = train_step
 
@@ -162,7 +166,7 @@ class EpochRunner:
         (:func:`flaxcnn.train.step_choice.fastest`); once per runner."""
         platforms = {d.platform for d in x_all.devices()} if isinstance(x_all, jax.Array) else {"cpu"}
         platform = platforms.pop() if len(platforms) == 1 else "mixed"
-        self._step = step_choice.fastest(self._variants, (state, x_all, y_all, idx), platform)
+        self._step = step_choice.fastest(self._variants, (state, x_all, y_all, idx), platform, self.planned_steps)
         self._step_chosen = True
 
     @property

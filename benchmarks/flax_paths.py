@@ -76,9 +76,7 @@ class FlaxTrainer:
         if path not in PATHS:
             raise ConfigError(f"unknown flaxcnn path {path!r}; accepted: {', '.join(PATHS)}")
         self.path, self.batch_size, self.seed = path, batch_size, seed
-        engine_path, conv_impl = PATHS[path]
-        dispatch.set_mode(conv_impl)  # in force while this trainer's steps are traced (its row)
-        dispatch.reset_used()
+        engine_path, self.conv_impl = PATHS[path]
         model, self.init = init_weights(spec, seed, init_dir)
         tx = sgd(lr, momentum)
         graphs, self.state = create_state(model, tx)
@@ -87,6 +85,11 @@ class FlaxTrainer:
         self.x, self.y = jnp.asarray(data.x), jnp.asarray(data.y, jnp.int32)
 
     def train_epoch(self, epoch: int) -> float:
+        # this row's setting, in force while its steps are traced (rows are timed interleaved);
+        # the record of what it uses starts with its first epoch
+        dispatch.set_mode(self.conv_impl)
+        if epoch == 0:
+            dispatch.reset_used()
         order = epoch_permutation(self.seed, epoch, len(self.y))
         self.state = self.runner.run(self.state, self.x, self.y, order, self.batch_size)
         return float(np.asarray(self.state.metrics)[0])  # blocks until the epoch is done
@@ -96,6 +99,7 @@ class FlaxTrainer:
         return dispatch.summary()
 
     def evaluate(self, x, y) -> dict[str, float]:
+        dispatch.set_mode(self.conv_impl)
         return self.evaluator(self.state, x, y)
 
     def eval_arrays(self, data: BenchData):

@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.data import BenchData, bench_data
 from benchmarks.settings import LR, lab_batch_size, lab_momentum
-from benchmarks.timing import WARMUP_METHOD, peak_rss_mb, time_evaluation, time_training
+from benchmarks.timing import WARMUP_METHOD, peak_rss_mb, time_evaluation, time_training_interleaved
 from flaxcnn.models.registry import ModelSpec, get_model
 
 FRAMEWORKS = ("torch", "flaxcnn")
@@ -60,52 +60,80 @@ def is_default_path(framework: str, path: str) -> bool:
     return path == default_path()  # "step-xla"/"step-kernels" force a setting: never the default
 
 
-def measure_row(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int,
-                job: dict[str, Any], eval_cache: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
-    """Time one row. Evaluation does not depend on the training batch size, so it is measured
-    once per (framework, path, model) in this process and copied to the other batch sizes."""
-    row: dict[str, Any] = {
+def row_header(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int) -> dict[str, Any]:
+    return {
         "framework": framework, "path": path, "model": spec.name, "batch_size": batch_size,
         "default_path": is_default_path(framework, path), "lab_batch_size": batch_size == lab_batch_size(spec),
         "samples": len(data.y), "data": data.source, "lr": LR, "momentum": lab_momentum(spec),
         "warmup_method": WARMUP_METHOD,
     }
-    try:
-        trainer = make_trainer(framework, spec, path, data, batch_size, seed=job["seed"], device=job["device"],
-                               init_dir=Path(job["init_dir"]) if job.get("init_dir") else None)
-        row.update(time_training(trainer, len(data.y), job["epochs"]))
+
+
+def _error(error: Exception) -> str:
+    traceback.print_exc()
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def measure_group(framework: str, spec: ModelSpec, paths: list[str], data: BenchData, batch_size: int,
+                  job: dict[str, Any], eval_cache: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Time the rows of one model and batch size (one per path) with their epochs interleaved
+    (:func:`benchmarks.timing.time_training_interleaved`), so that their ratios are not moved by
+    when each ran. Evaluation does not depend on the training batch size, so it is measured once
+    per (framework, path, model) in this process and copied to the other batch sizes."""
+    rows = {path: row_header(framework, spec, path, data, batch_size) for path in paths}
+    trainers, dispatch_records = {}, {}
+    for path in paths:
+        try:
+            trainers[path] = make_trainer(framework, spec, path, data, batch_size, seed=job["seed"],
+                                          device=job["device"],
+                                          init_dir=Path(job["init_dir"]) if job.get("init_dir") else None)
+        except Exception as error:  # one broken path must not lose the other rows' numbers
+            rows[path]["error"] = _error(error)
+
+    def after_warmup(path: str) -> None:
+        trainer = trainers[path]
         key = (framework, path, spec.name)
-        if key not in eval_cache:
+        if key not in eval_cache:  # evaluation's first pass traces it (under this row's settings)
             eval_cache[key] = {**time_evaluation(trainer, *trainer.eval_arrays(data), len(data.eval_y)),
                                "eval_measured_at_batch_size": batch_size}
-        row.update(eval_cache[key])
+        if hasattr(trainer, "dispatch_record"):
+            dispatch_records[path] = trainer.dispatch_record()
+
+    timed = time_training_interleaved(trainers, len(data.y), job["epochs"], after_warmup)
+    for path, trainer in trainers.items():
+        row = rows[path]
+        row.update(timed[path])
+        if "error" not in row:
+            row.update(eval_cache[(framework, path, spec.name)])
         if hasattr(trainer, "init"):
             row["init"] = trainer.init
-        if hasattr(trainer, "dispatch_record"):
-            row["cpu_dispatch"] = trainer.dispatch_record()
-    except Exception as error:  # one broken path must not lose the other rows' numbers
-        traceback.print_exc()
-        row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
-    row["peak_rss_mb"] = peak_rss_mb()
-    return row
+        if path in dispatch_records:
+            row["cpu_dispatch"] = dispatch_records[path]
+    peak = peak_rss_mb()
+    for row in rows.values():
+        row["peak_rss_mb"] = peak
+    return list(rows.values())
 
 
 def run_rows(job: dict[str, Any]) -> dict[str, Any]:
     """Entry point of a worker process (see :mod:`benchmarks.process`)."""
     framework = job["framework"]
     info = framework_info(framework, job["device"], job.get("torch_threads"))
-    results, data, data_model, eval_cache = [], None, None, {}
+    groups: dict[tuple[str, int], list[str]] = {}
     for spec_row in job["rows"]:
-        spec = get_model(spec_row["model"])
+        groups.setdefault((spec_row["model"], spec_row["batch_size"]), []).append(spec_row["path"])
+    results, data, data_model, eval_cache = [], None, None, {}
+    for (model, batch_size), paths in groups.items():
+        spec = get_model(model)
         if data_model != spec.name:
             data, data_model = None, None
             gc.collect()
             data = bench_data(spec, job["samples"], job["seed"], job["data_dirs"])
             data_model = spec.name
-        row = measure_row(framework, spec, spec_row["path"], data, spec_row["batch_size"], job, eval_cache)
-        results.append(row)
+        for row in measure_group(framework, spec, paths, data, batch_size, job, eval_cache):
+            results.append(row)
+            print(progress_line(row), file=sys.stderr, flush=True)
         gc.collect()
-        print(progress_line(row), file=sys.stderr, flush=True)
     return {"info": info, "results": results}
 
 

@@ -110,10 +110,12 @@ def markdown(report: dict[str, Any]) -> str:
         + (f" (forced by FLAXCNN_KERNEL_ISA={m['kernel_isa_env']})" if m.get('kernel_isa_env') else "")
         + "; each flaxcnn row's per-layer implementation choices are in the JSON (`cpu_dispatch`)",
         f"- {s['samples']} samples per epoch ({s['data']}); train samples/s: "
-        f"{s.get('throughput_method', 'the median')} of {s['epochs']} epochs after 1 warm-up epoch; "
+        f"{s.get('throughput_method', 'the median')} of {s['epochs']} epochs after 1 warm-up epoch"
+        + (f" ({s['timing_order']})" if s.get("timing_order") else "") + "; "
         f"warm-up = {s['warmup_method']}; eval: forward only, eval mode, "
         f"batches of {s['eval_batch']}; peak RSS: ru_maxrss of the framework's process "
-        f"({s['process_per']} per process) when the row finished",
+        f"({s['process_per']} per process) when the row finished"
+        + (" (with the rows timed beside it)" if s.get("timing_order") else ""),
         "",
         *summary_lines(report),
         "",

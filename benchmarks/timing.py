@@ -40,23 +40,48 @@ def time_training(trainer: Trainer, samples: int, epochs: int) -> dict[str, Any]
     one run to the next, and interference only ever adds time, so the fastest epoch is the
     estimate of the code's speed least moved by the neighbours (``timeit``'s reasoning); the
     median is kept beside it (``samples_per_second_median``)."""
-    seconds, losses = [], []
+    return time_training_interleaved({"only": trainer}, samples, epochs)["only"]
+
+
+def time_training_interleaved(trainers: dict[str, Trainer], samples: int, epochs: int,
+                              after_warmup: Any = None) -> dict[str, dict[str, Any]]:
+    """:func:`time_training` for several trainers at once, their epochs interleaved: every
+    trainer's warm-up epoch, then timed epoch 1 of each, epoch 2 of each, and so on, so that a
+    slow spell of the machine falls on all of them alike rather than on whichever ran then (rows
+    timed one after another differed by 10-20% on the same program). ``after_warmup(name)``, if
+    given, runs after each trainer's warm-up epoch. A trainer that raises gets
+    ``{"error": ...}`` and the others go on."""
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    losses: dict[str, list[float]] = {name: [] for name in trainers}
+    results: dict[str, dict[str, Any]] = {}
     for epoch in range(epochs + 1):
-        start = time.perf_counter()
-        losses.append(trainer.train_epoch(epoch))
-        seconds.append(time.perf_counter() - start)
-    steady = statistics.median(seconds[1:])
-    return {
-        "samples_per_second": samples / min(seconds[1:]),
-        "samples_per_second_median": samples / steady,
-        "throughput_method": THROUGHPUT_METHOD,
-        "warmup_seconds": seconds[0] - steady,
-        "warmup_method": WARMUP_METHOD,
-        "first_epoch_seconds": seconds[0],
-        "epoch_seconds": seconds[1:],
-        "train_loss_sum_per_epoch": losses,
-        "train_finite": bool(np.all(np.isfinite(losses))),
-    }
+        for name, trainer in trainers.items():
+            if name in results:
+                continue
+            try:
+                start = time.perf_counter()
+                losses[name].append(trainer.train_epoch(epoch))
+                seconds[name].append(time.perf_counter() - start)
+                if epoch == 0 and after_warmup is not None:
+                    after_warmup(name)
+            except Exception as error:  # noqa: BLE001 -- one broken path must not lose the others
+                results[name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    for name in trainers:
+        if name in results:
+            continue
+        steady = statistics.median(seconds[name][1:])
+        results[name] = {
+            "samples_per_second": samples / min(seconds[name][1:]),
+            "samples_per_second_median": samples / steady,
+            "throughput_method": THROUGHPUT_METHOD,
+            "warmup_seconds": seconds[name][0] - steady,
+            "warmup_method": WARMUP_METHOD,
+            "first_epoch_seconds": seconds[name][0],
+            "epoch_seconds": seconds[name][1:],
+            "train_loss_sum_per_epoch": losses[name],
+            "train_finite": bool(np.all(np.isfinite(losses[name]))),
+        }
+    return results
 
 
 def time_evaluation(trainer: Trainer, x: Any, y: Any, samples: int, repeats: int = 3) -> dict[str, Any]:

@@ -101,6 +101,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "process_per": args.process_per, "torch_threads": args.torch_threads,
         "torch_keep_freed_memory": args.torch_keep_freed_memory,
         "warmup_method": WARMUP_METHOD, "throughput_method": THROUGHPUT_METHOD, "eval_batch": EVAL_BATCH,
+        "timing_order": "the rows of one framework, model and batch size interleaved, epoch by epoch",
     }
 
 

@@ -163,3 +163,27 @@ def test_time_to_accuracy_checks_its_options(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert time_to_accuracy.main(["--data-dir", str(tmp_path), "--target", "1.5"]) == 2
     assert "--target is an accuracy" in capsys.readouterr().err
+
+
+def test_rows_are_timed_interleaved_and_a_failing_row_keeps_the_others():
+    from benchmarks.timing import time_training_interleaved
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name, fail_at=None):
+            self.name, self.fail_at = name, fail_at
+
+        def train_epoch(self, epoch):
+            calls.append((self.name, epoch))
+            if epoch == self.fail_at:
+                raise RuntimeError("boom")
+            return 1.0
+
+    warmed = []
+    out = time_training_interleaved({"a": Fake("a"), "b": Fake("b", fail_at=1), "c": Fake("c")}, 100, 2,
+                                    after_warmup=warmed.append)
+    assert calls == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("c", 2)]
+    assert warmed == ["a", "b", "c"]
+    assert out["b"] == {"error": "RuntimeError: boom"}
+    assert len(out["a"]["epoch_seconds"]) == 2 and out["c"]["samples_per_second"] > 0

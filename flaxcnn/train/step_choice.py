@@ -10,7 +10,10 @@ and with the AVX2 kernels SpeechNet's 0.81x; in each case the choices differed i
 So the ``step`` path traces the training step in each of dispatch's :data:`policies
 <flaxcnn.models.dispatch.POLICIES>` (per-part fastest, C++ kernels wherever they apply, XLA
 only), compiles the distinct ones, times them in interleaved rounds on the run's own first batch
-(state copies: nothing trains), and runs the fastest. The choice is cached with dispatch's,
+(state copies: nothing trains), each round a burst of :data:`BURST` chained steps per variant as
+an epoch runs them (dispatched ahead, not waited for one by one), after a warm-up burst of each
+(a new executable's first calls page-fault its buffers into the heap: one call each had timed
+NetBatchNorm's kernels variant at twice its steady time), and runs the fastest. The choice is cached with dispatch's,
 keyed by the lowered step itself (model, batch shape, optimiser, the per-part choices), so the
 same machine and cache run the same variant, and the same bits, every time.
 
@@ -28,6 +31,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,6 +42,8 @@ from flaxcnn.models import dispatch
 #: MIN_ROUNDS run), and how far behind after MIN_ROUNDS a variant is timed no further: a bound on
 #: the one-time cost of a new step (SpeechResNet's step takes about 60 ms on 2 cores)
 MAX_ROUNDS, MIN_ROUNDS, TIME_BUDGET_S, HOPELESS_FACTOR = 15, 4, 1.5, 1.5
+#: chained steps per variant per round (and in the warm-up)
+BURST = 3
 #: the most of a run's planned training time the timing may cost (a bound on overhead, not a
 #: property of any machine)
 MAX_SHARE_OF_TRAINING = 0.1
@@ -79,7 +85,9 @@ def fastest(variants: Mapping[str, Callable], args: Sequence[Any], platform: str
     aliases = {name: [other for other in variants if choices[other] == choices[name]] for name in names}
     if len(names) == 1:
         return variants["measured"]
-    key = "step " + hashlib.sha256(traced["measured"].lower().as_text().encode()).hexdigest()[:16]
+    # keyed by the step and by how it is timed here: a change to either times it anew
+    key = "step " + hashlib.sha256(traced["measured"].lower().as_text().encode()
+                                   + Path(__file__).read_bytes()).hexdigest()[:16]
     entry = dispatch.cached(key)
     if entry is None or entry.get("choice") not in names:
         if planned_steps is not None and not _repays(variants["measured"], args, len(names), planned_steps):
@@ -91,21 +99,24 @@ def fastest(variants: Mapping[str, Callable], args: Sequence[Any], platform: str
     return variants[entry["choice"]]
 
 
-def _call_seconds(step: Callable, args: Sequence[Any]) -> float:
-    """One call of ``step`` on a copy of the (donated) state, in seconds."""
-    fresh = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), args[0]))
+def _seconds_per_call(step: Callable, args: Sequence[Any], calls: int = 1) -> float:
+    """``calls`` chained calls of ``step`` (state in, state out) from a copy of the (donated)
+    state, dispatched without waiting in between as an epoch does; seconds per call."""
+    state = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), args[0]))
     begin = time.perf_counter()
-    jax.block_until_ready(step(fresh, *args[1:]))
-    return time.perf_counter() - begin
+    for _ in range(calls):
+        state = step(state, *args[1:])
+    jax.block_until_ready(state)
+    return (time.perf_counter() - begin) / calls
 
 
 def _repays(measured: Callable, args: Sequence[Any], num_variants: int, planned_steps: int) -> bool:
     """Whether timing ``num_variants`` variants costs at most :data:`MAX_SHARE_OF_TRAINING` of
     ``planned_steps`` steps: the per-part variant's first call (its compile) stands for each
     other variant's compile, its second call for a step."""
-    compile_s = _call_seconds(measured, args)
-    step_s = _call_seconds(measured, args)
-    cost = (num_variants - 1) * compile_s + MIN_ROUNDS * num_variants * step_s
+    compile_s = _seconds_per_call(measured, args)
+    step_s = _seconds_per_call(measured, args)
+    cost = (num_variants - 1) * compile_s + (MIN_ROUNDS + 1) * BURST * num_variants * step_s
     return cost <= MAX_SHARE_OF_TRAINING * planned_steps * step_s
 
 
@@ -115,13 +126,15 @@ def _measure(variants: Mapping[str, Callable], args: Sequence[Any], key: str,
           f"on this machine (once; cached in {dispatch.cache_path()})", file=sys.stderr, flush=True)
     started = time.perf_counter()
     for step in variants.values():
-        _call_seconds(step, args)  # compile and first call
+        _seconds_per_call(step, args)  # compile and first call
+    for step in variants.values():
+        _seconds_per_call(step, args, BURST)  # warm-up
     best = dict.fromkeys(variants, math.inf)
     alive, spent = list(variants), 0.0
     for round_ in range(MAX_ROUNDS):
         for name in alive:
-            elapsed = _call_seconds(variants[name], args)
-            best[name], spent = min(best[name], elapsed), spent + elapsed
+            elapsed = _seconds_per_call(variants[name], args, BURST)
+            best[name], spent = min(best[name], elapsed), spent + BURST * elapsed
         if round_ + 1 >= MIN_ROUNDS:
             alive = [name for name in alive if best[name] <= HOPELESS_FACTOR * min(best.values())]
             if spent > TIME_BUDGET_S:

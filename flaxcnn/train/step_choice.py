@@ -3,9 +3,10 @@
 :mod:`flaxcnn.models.dispatch` times each convolution part and max-pool alone and picks the
 fastest. A part timed alone is not that part inside its step: XLA's CPU runtime runs a step's
 independent operations concurrently on the cores and fuses across their edges, so the sum of
-the parts' best times need not be the best step. Measured on an AMD EPYC with AVX-512 (2 cores,
-batch 64), the per-part choices made NetDepth's step 0.90x as fast as the C++ kernels everywhere,
-and with the AVX2 kernels SpeechNet's 0.81x; in each case the choices differed in their pools.
+the parts' best times need not be the best step. In one benchmark run on an AMD EPYC with AVX-512
+(2 cores, batch 64), the per-part choices made NetDepth's epochs 0.90x as fast as the C++ kernels
+everywhere, and with the AVX2 kernels SpeechNet's 0.81x; in each case the choices differed in
+their pools.
 
 So the ``step`` path traces the training step in each of dispatch's :data:`policies
 <flaxcnn.models.dispatch.POLICIES>` (per-part fastest, C++ kernels wherever they apply, XLA

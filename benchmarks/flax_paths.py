@@ -4,7 +4,8 @@
 ``Evaluator``: whatever those do by default is what gets benchmarked. Paths are the engine's
 ``--path`` values (see :mod:`flaxcnn.train.steps`): ``step`` (one jitted call per batch) and
 ``scan`` (the epoch in one ``lax.scan``), each with the CPU implementations dispatch measured
-fastest (``--conv-impl auto``, the default); ``step-xla`` and ``step-kernels`` are the ``step``
+fastest (``--conv-impl auto``, the default; on ``step`` also the fastest whole-step variant,
+:mod:`flaxcnn.train.step_choice`, always timed here: the benchmark stands for long runs); ``step-xla`` and ``step-kernels`` are the ``step``
 path with ``--conv-impl xla`` (XLA's formulations only: flaxcnn as plain JAX) and ``kernels``
 (the C++ kernels wherever they apply). This module never imports torch, so the process running
 it has its own peak RSS.

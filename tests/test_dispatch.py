@@ -15,17 +15,6 @@ from flaxcnn.models import dispatch, ops
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="dispatch measures CPU implementations")
 
 
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty choices file; the process forgets what it loaded and used."""
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    dispatch.clear_memory()
-    dispatch.set_mode(None)
-    yield tmp_path
-    dispatch.set_mode(None)
-    dispatch.clear_memory()
-
-
 def _conv(x, w):
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
     return ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)

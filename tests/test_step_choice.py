@@ -20,16 +20,6 @@ needs_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels
 N, BATCH = 24, 8
 
 
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    dispatch.clear_memory()
-    dispatch.set_mode(None)
-    yield tmp_path
-    dispatch.set_mode(None)
-    dispatch.clear_memory()
-
-
 def _session(model: str = "net"):
     spec = get_model(model)
     rng = np.random.default_rng(0)

@@ -346,7 +346,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                         "light time shift and SpecAugment masks; `flaxcnn cv --preset speech-exercise --final` "
                         "trains the final model on every clip",
                         dict(model="speechresnet", dataset="speech", split="speaker", lr=2e-2, momentum=0.9,
-                             batch_size=64, epochs=30, weight_decay=5e-4, schedule="cosine", time_shift=8,
+                             batch_size=64, epochs=60, weight_decay=5e-4, schedule="cosine", time_shift=8,
                              time_masks=1, time_mask_width=8, freq_masks=1, freq_mask_width=3)),
 }
 

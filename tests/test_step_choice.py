@@ -77,7 +77,9 @@ def test_timing_the_variants_picks_the_fastest_measured(fresh_cache):
     _train(runner, state, x, y)
     [entry] = dispatch.summary()["training_steps"]
     assert set(entry["ms"]) <= set(dispatch.POLICIES) and len(entry["ms"]) >= 2
-    assert entry["choice"] == min(entry["ms"], key=entry["ms"].get)
+    assert set(entry["relative"]) == set(entry["ms"]) and min(entry["relative"].values()) >= 1.0
+    assert entry["choice"] == min(entry["relative"], key=entry["relative"].get)
+    assert entry["rounds"] >= step_choice.MIN_ROUNDS
     assert dispatch.cached(entry["step"]) == entry
 
 

@@ -21,6 +21,8 @@ vmap``) through the same paths: the step is vmapped, and each model trains on it
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -161,12 +163,14 @@ class EpochRunner:
         ``jnp.asarray`` per batch (+8% per step for Net on CPU)."""
         return np.asarray(idx, np.int32)
 
-    def choose_step(self, state: TrainState, x_all: jax.Array, y_all: jax.Array, idx) -> None:
-        """Picks the step variant to run, timing them on these arguments if not cached
+    def choose_step(self, state: TrainState, x_all: jax.Array, y_all: jax.Array, idxs: Sequence) -> None:
+        """Picks the step variant to run, timing them on ``state`` and the index batches ``idxs``
+        (the run's next ones, of one shape) if not cached
         (:func:`flaxcnn.train.step_choice.fastest`); once per runner."""
         platforms = {d.platform for d in x_all.devices()} if isinstance(x_all, jax.Array) else {"cpu"}
         platform = platforms.pop() if len(platforms) == 1 else "mixed"
-        self._step = step_choice.fastest(self._variants, (state, x_all, y_all, idx), platform, self.planned_steps)
+        self._step = step_choice.fastest(self._variants, state, [(x_all, y_all, idx) for idx in idxs], platform,
+                                         self.planned_steps)
         self._step_chosen = True
 
     @property
@@ -190,8 +194,9 @@ class EpochRunner:
             if on_batch:
                 on_batch(done, state)
         for idx in index_batches(order, batch_size, start=done * batch_size):
-            if not self._step_chosen:
-                self.choose_step(state, x_all, y_all, self.indices(idx))
+            if not self._step_chosen:  # timed on this epoch's next batches of this batch's shape
+                upcoming = itertools.islice(index_batches(order, batch_size, start=done * batch_size), step_choice.BURST)
+                self.choose_step(state, x_all, y_all, [self.indices(i) for i in upcoming if i.shape == idx.shape])
             state = self._step(state, x_all, y_all, self.indices(idx))
             done += 1
             if on_batch:

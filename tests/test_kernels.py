@@ -78,6 +78,10 @@ LAYERS = [(4, (32, 32), 3, 16, 3, 1), (4, (16, 16), 16, 8, 3, 1), (2, (32, 32), 
           (3, (99, 26), 1, 10, 10, 0), (2, (99, 26), 1, 8, 3, 1), (2, (49, 13), 8, 16, 3, 1),
           (2, (24, 6), 16, 32, 3, 1), (2, (12, 3), 32, 64, 3, 1)]
 EDGES = [(2, (8, 8), 8, 10, 3, ((2, 2), (2, 2))), (2, (9, 7), 24, 48, 2, ((0, 0), (0, 0))),
+         # one input channel, 10 outputs (the partial vector by positions): rows narrower than a
+         # vector, a partial last vector, and more positions than one block
+         (2, (5, 5), 1, 10, 3, ((0, 0), (0, 0))), (2, (6, 21), 1, 10, 3, ((1, 1), (1, 1))),
+         (1, (6, 70), 1, 10, 5, ((0, 0), (2, 2))),
          (1, (7, 19), 10, 10, 3, ((0, 1), (2, 0))), (3, (5, 1), 16, 24, 3, ((1, 1), (1, 1))),
          (2, (6, 21), 48, 8, 5, ((2, 2), (2, 2))), (2, (5, 33), 64, 48, 3, ((1, 1), (1, 1)))]
 
@@ -91,6 +95,21 @@ def test_lab_layers_equal_torch(n, hw, c, o, k, pad, isa):
 @pytest.mark.parametrize("n, hw, c, o, k, padding", EDGES)
 def test_edge_shapes_equal_torch(n, hw, c, o, k, padding, isa):
     _check_against_torch(n, hw, c, o, k, padding, isa)
+
+
+@pytest.mark.skipif(len(VARIANTS) < 2, reason="needs two kernel variants this CPU runs")
+@pytest.mark.parametrize("n, hw, c, o, k, pad", [(3, (99, 26), 1, 10, 10, 0), (2, (6, 21), 1, 10, 3, 1)])
+def test_every_variant_gives_the_forward_the_same_bits(n, hw, c, o, k, pad):
+    """Each output is the same sum in the same order whatever the vector width and whichever of a
+    channel's lanes or a position's lanes hold it (FMA variants; ``generic`` has no FMA)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((n, *hw, c)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, c, o)).astype(np.float32))
+    fused = [isa for isa in VARIANTS if isa != "generic"]
+    if len(fused) < 2:
+        pytest.skip("needs two FMA kernel variants (avx512, avx2) this CPU runs")
+    outs = [np.asarray(ops.forward_cpp(x, w, _layer(n, hw, c, o, k, ((pad, pad), (pad, pad)), isa))) for isa in fused]
+    assert all(np.array_equal(outs[0], other) for other in outs[1:])
 
 
 def test_the_kernel_parts_run_where_their_channel_count_has_a_kernel():

@@ -221,15 +221,13 @@ constexpr auto ForwardBlockTable(std::index_sequence<PB...>) {
   return std::array<ForwardFn, sizeof...(PB)>{ForwardBlock<O, V0, NVB, static_cast<int>(PB) + 1>...};
 }
 
-// A row of `wo` positions in equal blocks of at most B positions, for each channel block: ConvNet's
-// 17 columns as 9 + 8 rather than 16 + 1, whose single column runs at a fraction of the speed.
-template <int O, int Block>
-void ForwardRowChannels(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n,
-                        int64_t oh) {
-  using K = Blocking<O, 16>;
-  static constexpr auto table =
-      ForwardBlockTable<O, Block * K::NVB, K::NVB>(std::make_index_sequence<K::B>());
-  const int64_t blocks = (s.wo + K::B - 1) / K::B;
+// A row of `wo` positions in equal blocks of at most B positions, for the channel vectors
+// [V0, V0 + NVB): ConvNet's 17 columns as 9 + 8 rather than 16 + 1, whose single column runs at a
+// fraction of the speed.
+template <int O, int V0, int NVB, int B>
+void ForwardRowVectors(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n, int64_t oh) {
+  static constexpr auto table = ForwardBlockTable<O, V0, NVB>(std::make_index_sequence<B>());
+  const int64_t blocks = (s.wo + B - 1) / B;
   int64_t ow = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t end = (b + 1) * s.wo / blocks;
@@ -241,12 +239,93 @@ void ForwardRowChannels(const float* xp, const float* w, float* yrow, const Shap
 template <int O, size_t... Block>
 void ForwardRowAllChannels(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n,
                            int64_t oh, std::index_sequence<Block...>) {
-  (ForwardRowChannels<O, static_cast<int>(Block)>(xp, w, yrow, s, n, oh), ...);
+  using K = Blocking<O, 16>;
+  (ForwardRowVectors<O, static_cast<int>(Block) * K::NVB, K::NVB, K::B>(xp, w, yrow, s, n, oh), ...);
+}
+
+// The last, partial channel vector of a one-channel input (ConvNet's 1 -> 10 with 8-float AVX2
+// vectors: 8 + 2 channels) is computed with the positions in the vector lanes instead: there the
+// kw inputs under a kernel row are contiguous positions, so one load feeds T multiply-adds of
+// W positions each, where a channel vector of T used lanes took one multiply-add per position
+// (2 instead of 1.25 per position and tap for ConvNet's layer). Each output is the same sum in
+// the same order (per kernel row over j, then over rows), so the bits do not change.
+template <int O>
+struct PartialVector {
+  using L = Lanes<O>;
+  static constexpr int W = L::W;
+  static constexpr int T0 = (L::NV - 1) * W;  // its first channel
+  static constexpr int T = O - T0;           // its channels
+  static constexpr bool ByPositions = L::NV >= 2 && T < W;
+  // position vectors per block: T accumulators and T totals for each, the T kernel values, the input
+  static constexpr int PV = std::max(1, std::min(4, (kRegisters - T - 2) / (2 * T)));
+};
+
+template <int O, int PV>
+void ForwardPartialBlock(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n, int64_t oh,
+                         int64_t ow, int64_t count) {
+  using L = Lanes<O>;
+  using vec = typename L::vec;
+  constexpr int W = L::W, T0 = PartialVector<O>::T0, T = PartialVector<O>::T;
+  int width[PV];
+  for (int v = 0; v < PV; ++v) width[v] = static_cast<int>(std::clamp<int64_t>(count - v * W, 0, W));
+  vec total[PV][T] = {};
+  for (int64_t i = 0; i < s.kh; ++i) {
+    vec acc[PV][T] = {};
+    const float* xr = xp + (n * s.hp + oh + i) * s.wp + ow;  // C == 1
+    const float* wi = w + i * s.kw * O + T0;
+    for (int64_t j = 0; j < s.kw; ++j) {
+      float wt[T];
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) wt[t] = wi[j * O + t];
+#pragma GCC unroll 8
+      for (int v = 0; v < PV; ++v) {
+        const vec xv = v + 1 < PV ? L::LoadOne(xr + j + v * W, W) : L::LoadOne(xr + j + v * W, width[v]);
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) acc[v][t] += xv * wt[t];
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < PV; ++v)
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) total[v][t] += acc[v][t];
+  }
+  for (int v = 0; v < PV; ++v) {
+    float lanes[T][W];
+    __builtin_memcpy(lanes, total[v], sizeof(lanes));
+    for (int l = 0; l < width[v]; ++l)
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) yrow[(ow + v * W + l) * O + T0 + t] = lanes[t][l];
+  }
+}
+
+template <int O, size_t... PV>
+constexpr auto ForwardPartialTable(std::index_sequence<PV...>) {
+  using Fn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t, int64_t, int64_t);
+  return std::array<Fn, sizeof...(PV)>{ForwardPartialBlock<O, static_cast<int>(PV) + 1>...};
+}
+
+template <int O>
+void ForwardPartialRow(const float* xp, const float* w, float* yrow, const Shape& s, int64_t n, int64_t oh) {
+  constexpr int W = Lanes<O>::W, PV = PartialVector<O>::PV;
+  static constexpr auto table = ForwardPartialTable<O>(std::make_index_sequence<PV>());
+  for (int64_t ow = 0; ow < s.wo; ow += PV * W) {
+    const int64_t count = std::min<int64_t>(PV * W, s.wo - ow);
+    table[(count + W - 1) / W - 1](xp, w, yrow, s, n, oh, ow, count);
+  }
 }
 
 template <int O>
 void ForwardRow(const float* xp, const float* w, float* y, const Shape& s, int64_t n, int64_t oh) {
   float* yrow = y + ((n * s.ho + oh) * s.wo) * O;
+  if constexpr (PartialVector<O>::ByPositions) {
+    if (s.c == 1) {  // the full vectors by channels, the partial one by positions
+      constexpr int NVF = Lanes<O>::NV - 1;
+      constexpr int B = std::max(1, std::min(16 / NVF, (kRegisters - NVF - 2) / NVF));
+      ForwardRowVectors<O, 0, NVF, B>(xp, w, yrow, s, n, oh);
+      ForwardPartialRow<O>(xp, w, yrow, s, n, oh);
+      return;
+    }
+  }
   ForwardRowAllChannels<O>(xp, w, yrow, s, n, oh, std::make_index_sequence<Blocking<O, 16>::Blocks>());
 }
 
@@ -296,11 +375,10 @@ void KernelGradBlock(const float* xp, const float* dy, float* dw, const Shape& s
   }
 }
 
-// Adds the contribution of samples [n0, n1) to dw (KH, KW*C, O) for one channel block.
-template <int O, int Block>
-void KernelGradChannels(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
-  using K = Blocking<O, 24>;
-  constexpr int Max = K::B, V0 = Block * K::NVB, NVB = K::NVB;
+// Adds the contribution of samples [n0, n1) to dw (KH, KW*C, O) for the channel vectors
+// [V0, V0 + NVB), at most Max kernel taps at a time.
+template <int O, int V0, int NVB, int Max>
+void KernelGradVectors(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
   const int64_t J = s.kw * s.c;
   for (int64_t i = 0; i < s.kh; ++i) {
     int64_t j = 0;
@@ -322,11 +400,110 @@ void KernelGradChannels(const float* xp, const float* dy, float* dw, const Shape
 template <int O, size_t... Block>
 void KernelGradAllChannels(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1,
                            std::index_sequence<Block...>) {
-  (KernelGradChannels<O, static_cast<int>(Block)>(xp, dy, dw, s, n0, n1), ...);
+  using K = Blocking<O, 24>;
+  (KernelGradVectors<O, static_cast<int>(Block) * K::NVB, K::NVB, K::B>(xp, dy, dw, s, n0, n1), ...);
+}
+
+// The partial channel vector of a one-channel input by positions (see PartialVector): per sample,
+// its T channels of dy are first copied position-contiguous (dyt: T planes of ho x wo), then each
+// kernel tap's sum over positions runs W positions to a vector, RJ taps of a kernel row at a time
+// (loads of dy shared by the RJ taps), with the same three levels of sums as KernelGradBlock;
+// each vector's lanes are added up (lane order) when the sample is done.
+template <int O, int RJ>
+void KernelGradPartialBlock(const float* xp, const float* dyt, float* dw, const Shape& s, int64_t n, int64_t i,
+                            int64_t j0) {
+  using L = Lanes<O>;
+  using vec = typename L::vec;
+  constexpr int W = L::W, T0 = PartialVector<O>::T0, T = PartialVector<O>::T;
+  constexpr int64_t FLUSH = 32;
+  const int64_t plane = s.ho * s.wo;
+  vec acc[RJ][T] = {}, sample[RJ][T] = {};
+  int64_t pending = 0;
+  for (int64_t oh = 0; oh < s.ho; ++oh) {
+    const float* xr = xp + (n * s.hp + oh + i) * s.wp + j0;  // C == 1
+    const float* dr = dyt + oh * s.wo;
+    for (int64_t ow = 0; ow < s.wo; ow += W) {
+      const int width = static_cast<int>(std::min<int64_t>(W, s.wo - ow));
+      vec dv[T], xv[RJ];
+      if (width == W) {
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) dv[t] = L::LoadOne(dr + t * plane + ow, W);
+#pragma GCC unroll 8
+        for (int r = 0; r < RJ; ++r) xv[r] = L::LoadOne(xr + r + ow, W);
+      } else {
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) dv[t] = L::LoadOne(dr + t * plane + ow, width);
+#pragma GCC unroll 8
+        for (int r = 0; r < RJ; ++r) xv[r] = L::LoadOne(xr + r + ow, width);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < RJ; ++r) {
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) acc[r][t] += xv[r] * dv[t];
+      }
+    }
+    pending += s.wo;
+    if (pending >= FLUSH || oh + 1 == s.ho) {
+#pragma GCC unroll 8
+      for (int r = 0; r < RJ; ++r)
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) {
+          sample[r][t] += acc[r][t];
+          acc[r][t] = vec{};
+        }
+      pending = 0;
+    }
+  }
+  float lanes[RJ][T][W];
+  __builtin_memcpy(lanes, sample, sizeof(lanes));
+  for (int r = 0; r < RJ; ++r)
+    for (int t = 0; t < T; ++t) {
+      float sum = 0.0f;
+      for (int l = 0; l < W; ++l) sum += lanes[r][t][l];
+      dw[(i * s.kw + j0 + r) * O + T0 + t] += sum;
+    }
+}
+
+template <int O, size_t... RJ>
+constexpr auto KernelGradPartialTable(std::index_sequence<RJ...>) {
+  using Fn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t, int64_t);
+  return std::array<Fn, sizeof...(RJ)>{KernelGradPartialBlock<O, static_cast<int>(RJ) + 1>...};
+}
+
+template <int O>
+void KernelGradPartial(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
+  constexpr int T0 = PartialVector<O>::T0, T = PartialVector<O>::T;
+  // RJ x T accumulators, T dy vectors and an input vector in registers
+  constexpr int MaxRJ = std::max(1, std::min(5, (kRegisters - T - 1) / T));
+  static constexpr auto table = KernelGradPartialTable<O>(std::make_index_sequence<MaxRJ>());
+  const int64_t plane = s.ho * s.wo;
+  thread_local std::vector<float> dyt;
+  dyt.resize(static_cast<size_t>(T * plane));
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* d = dy + n * plane * O + T0;
+    for (int64_t p = 0; p < plane; ++p)
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) dyt[t * plane + p] = d[p * O + t];
+    for (int64_t i = 0; i < s.kh; ++i)
+      for (int64_t j = 0; j < s.kw;) {
+        const int64_t rj = std::min<int64_t>(MaxRJ, s.kw - j);
+        table[rj - 1](xp, dyt.data(), dw, s, n, i, j);
+        j += rj;
+      }
+  }
 }
 
 template <int O>
 void KernelGradSamples(const float* xp, const float* dy, float* dw, const Shape& s, int64_t n0, int64_t n1) {
+  if constexpr (PartialVector<O>::ByPositions) {
+    if (s.c == 1) {  // the full vectors by channels, the partial one by positions
+      constexpr int NVF = Lanes<O>::NV - 1;
+      constexpr int Max = std::max(1, std::min(24 / NVF, (kRegisters - NVF - 2) / NVF));
+      KernelGradVectors<O, 0, NVF, Max>(xp, dy, dw, s, n0, n1);
+      KernelGradPartial<O>(xp, dy, dw, s, n0, n1);
+      return;
+    }
+  }
   KernelGradAllChannels<O>(xp, dy, dw, s, n0, n1, std::make_index_sequence<Blocking<O, 24>::Blocks>());
 }
 

@@ -11,7 +11,8 @@
 // kernel row are contiguous, so both kernels reduce over a contiguous run of kw * C inputs per row.
 // Accumulators are kept in registers: PB output positions x a block of the O channels (forward)
 // or RB kernel rows x a block of channels (kernel gradient), sized to the target's vector
-// registers (see Blocking); the compiler vectorises the channel loop (compile-time O).
+// registers (see Blocking); the compiler vectorises the channel loop (compile-time O). A partly
+// empty last channel vector of a one-channel input is computed by positions (see PartialVector).
 #include <algorithm>
 #include <array>
 #include <utility>

@@ -330,6 +330,21 @@ void ForwardRow(const float* xp, const float* w, float* y, const Shape& s, int64
   ForwardRowAllChannels<O>(xp, w, yrow, s, n, oh, std::make_index_sequence<Blocking<O, 16>::Blocks>());
 }
 
+// The kernel gradients' middle level of sums: register accumulators are added to the sample's
+// sums (and cleared) once at least kFlushPositions positions are in them, and at a sample's end.
+constexpr int64_t kFlushPositions = 32;
+
+template <int R, int V, typename vec>
+inline void Flush(vec (&sample)[R][V], vec (&acc)[R][V]) {
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      sample[r][v] += acc[r][v];
+      acc[r][v] = vec{};
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // kernel gradient: RB kernel rows (i, j0 .. j0 + RB) x the channel vectors [V0, V0 + NVB) at a
 // time, accumulating over positions
@@ -341,8 +356,7 @@ void KernelGradBlock(const float* xp, const float* dy, float* dw, const Shape& s
   using vec = typename L::vec;
   // Three levels of sums keep float32 rounding near that of a blocked GEMM (a single running sum
   // over 64 x 32 x 32 positions drifted visibly from PyTorch in a 10-step training trajectory):
-  // registers over at least FLUSH positions, then `sample` over one sample, then dw over samples.
-  constexpr int64_t FLUSH = 32;
+  // registers over at least kFlushPositions positions (Flush), then `sample` over one sample, then dw over samples.
   float* out = dw + (i * s.kw * s.c + j0) * O;
   for (int64_t n = n0; n < n1; ++n) {
     vec acc[RB][NVB] = {}, sample[RB][NVB] = {};
@@ -360,14 +374,8 @@ void KernelGradBlock(const float* xp, const float* dy, float* dw, const Shape& s
           for (int v = 0; v < NVB; ++v) acc[r][v] += xv[r] * dv[v];
       }
       pending += s.wo;
-      if (pending >= FLUSH || oh + 1 == s.ho) {
-#pragma GCC unroll 32
-        for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 16
-          for (int v = 0; v < NVB; ++v) {
-            sample[r][v] += acc[r][v];
-            acc[r][v] = vec{};
-          }
+      if (pending >= kFlushPositions || oh + 1 == s.ho) {
+        Flush(sample, acc);
         pending = 0;
       }
     }
@@ -416,7 +424,6 @@ void KernelGradPartialBlock(const float* xp, const float* dyt, float* dw, const 
   using L = Lanes<O>;
   using vec = typename L::vec;
   constexpr int W = L::W, T0 = PartialVector<O>::T0, T = PartialVector<O>::T;
-  constexpr int64_t FLUSH = 32;
   const int64_t plane = s.ho * s.wo;
   vec acc[RJ][T] = {}, sample[RJ][T] = {};
   int64_t pending = 0;
@@ -444,14 +451,8 @@ void KernelGradPartialBlock(const float* xp, const float* dyt, float* dw, const 
       }
     }
     pending += s.wo;
-    if (pending >= FLUSH || oh + 1 == s.ho) {
-#pragma GCC unroll 8
-      for (int r = 0; r < RJ; ++r)
-#pragma GCC unroll 16
-        for (int t = 0; t < T; ++t) {
-          sample[r][t] += acc[r][t];
-          acc[r][t] = vec{};
-        }
+    if (pending >= kFlushPositions || oh + 1 == s.ho) {
+      Flush(sample, acc);
       pending = 0;
     }
   }

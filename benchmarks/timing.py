@@ -46,16 +46,18 @@ def time_training(trainer: Trainer, samples: int, epochs: int) -> dict[str, Any]
 def time_training_interleaved(trainers: dict[str, Trainer], samples: int, epochs: int,
                               after_warmup: Any = None) -> dict[str, dict[str, Any]]:
     """:func:`time_training` for several trainers at once, their epochs interleaved: every
-    trainer's warm-up epoch, then timed epoch 1 of each, epoch 2 of each, and so on, so that a
-    slow spell of the machine falls on all of them alike rather than on whichever ran then (rows
-    timed one after another differed by 10-20% on the same program). ``after_warmup(name)``, if
+    trainer's warm-up epoch, then timed epoch 1 of each, epoch 2 of each, and so on (in the order
+    of :func:`round_order`), so that a slow spell of the machine falls on all of them alike rather
+    than on whichever ran then (rows timed one after another differed by 10-20% on the same
+    program). ``after_warmup(name)``, if
     given, runs after each trainer's warm-up epoch. A trainer that raises gets
     ``{"error": ...}`` and the others go on."""
     seconds: dict[str, list[float]] = {name: [] for name in trainers}
     losses: dict[str, list[float]] = {name: [] for name in trainers}
     results: dict[str, dict[str, Any]] = {}
     for epoch in range(epochs + 1):
-        for name, trainer in trainers.items():
+        for name in round_order(list(trainers), epoch):
+            trainer = trainers[name]
             if name in results:
                 continue
             try:
@@ -82,6 +84,19 @@ def time_training_interleaved(trainers: dict[str, Trainer], samples: int, epochs
             "train_finite": bool(np.all(np.isfinite(losses[name]))),
         }
     return results
+
+
+def round_order(names: list[str], epoch: int) -> list[str]:
+    """The order the trainers run in ``epoch``: as given for the warm-up (epoch 0), then rotated
+    by one place each timed epoch, so that every trainer runs in every position of a round
+    equally often (epochs a multiple of the trainers): a row's place in the round (say, always
+    right after the slowest row, whose buffers it then evicts from the cache) must not move its
+    ratios (the same program in two rows of one fixed-order run had timed 8% apart: Net on the
+    AVX2 kernels, default path against step-kernels)."""
+    if epoch == 0 or not names:
+        return names
+    shift = (epoch - 1) % len(names)
+    return names[shift:] + names[:shift]
 
 
 def time_evaluation(trainer: Trainer, x: Any, y: Any, samples: int, repeats: int = 3) -> dict[str, Any]:

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.render:
             report = json.loads(Path(args.render).read_text())
+            report["results"] = attach_ratios(report["results"])  # what this version derives from them
         else:
             report = run(settings_from(args), on_job_done=lambda partial: write_outputs(partial, targets))
     except FlaxcnnError as error:

@@ -183,7 +183,50 @@ def test_rows_are_timed_interleaved_and_a_failing_row_keeps_the_others():
     warmed = []
     out = time_training_interleaved({"a": Fake("a"), "b": Fake("b", fail_at=1), "c": Fake("c")}, 100, 2,
                                     after_warmup=warmed.append)
-    assert calls == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("c", 2)]
+    # each timed round rotated by one place (round 2: b, c, a; b has failed)
+    assert calls == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("c", 2), ("a", 2)]
     assert warmed == ["a", "b", "c"]
     assert out["b"] == {"error": "RuntimeError: boom"}
     assert len(out["a"]["epoch_seconds"]) == 2 and out["c"]["samples_per_second"] > 0
+
+
+def test_round_order_puts_every_row_in_every_place_equally_often():
+    from benchmarks.timing import round_order
+
+    names = ["a", "b", "c"]
+    assert round_order(names, 0) == names
+    rounds = [round_order(names, epoch) for epoch in range(1, 7)]
+    for place in range(3):
+        assert sorted(r[place] for r in rounds) == ["a", "a", "b", "b", "c", "c"]
+
+
+def test_paired_ratio_cancels_a_slow_spell_that_fastest_epochs_do_not():
+    from benchmarks.report import paired_ratio
+
+    default = [1.0, 1.0, 1.3, 1.0, 1.2, 1.0]
+    other = [1.1 * s for s in default]  # 10% slower in every round
+    other[0] = 0.95  # one lucky epoch of the other row
+    result = paired_ratio(default, other)
+    assert abs(result["median"] - 1.1) < 1e-9 and result["epochs"] == 6
+    low, high = result["interval_95"]
+    assert low <= 1.1 <= high and low > 0.9
+    assert paired_ratio(default, other) == result  # seeded: the same JSON renders the same interval
+    assert min(default) / min(other) > 1.0  # the fastest-epoch ratio would call the other row faster
+
+
+def test_summary_reports_the_default_against_the_forced_choice_it_does_worst_against():
+    from benchmarks.report import attach_ratios, summary_lines
+
+    def row(fw, path, seconds, default=False):
+        return {"framework": fw, "path": path, "model": "net", "batch_size": 64, "default_path": default,
+                "samples_per_second": 100 / min(seconds), "eval_samples_per_second": 1.0,
+                "epoch_seconds": seconds}
+
+    results = attach_ratios([
+        row("torch", "lab-loop", [4.0] * 4), row("torch", "torch-sliced", [2.0] * 4),
+        row("flaxcnn", "step", [1.0, 1.0, 1.1, 1.0], default=True),
+        row("flaxcnn", "step-kernels", [0.9, 0.9, 1.0, 0.9]), row("flaxcnn", "step-xla", [2.0] * 4)])
+    versus = results[2]["vs_faster_forced"]
+    assert versus["against"] == "step-kernels" and abs(versus["paired"]["median"] - 0.9) < 1e-9
+    text = "\n".join(summary_lines({"results": results}))
+    assert "net 2.00x (0.90x step-kernels paired" in text and "geometric mean 2.00x" in text

@@ -76,8 +76,20 @@ def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, An
         against = min(pairs, key=lambda p: pairs[p][0]["median"])
         paired, other = pairs[against]
         row["vs_faster_forced"] = {"against": against, "paired": paired, "method": PAIRED_METHOD,
-                                   "fastest_epoch_ratio": row["samples_per_second"] / other["samples_per_second"]}
+                                   "fastest_epoch_ratio": row["samples_per_second"] / other["samples_per_second"],
+                                   "same_program": FORCED_BY_STEP_CHOICE.get(step_choice(row)) == against}
     return results
+
+
+#: the whole-step choice (flaxcnn.train.step_choice) -> the forced row that runs the same program
+FORCED_BY_STEP_CHOICE = {"kernels": "step-kernels", "xla": "step-xla"}
+
+
+def step_choice(row: dict[str, Any]) -> str | None:
+    """The whole-step variant a ``step`` row ran (``training_steps`` in its ``cpu_dispatch``),
+    None if it recorded none or more than one."""
+    choices = {entry.get("choice") for entry in (row.get("cpu_dispatch") or {}).get("training_steps", [])}
+    return choices.pop() if len(choices) == 1 else None
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -99,13 +111,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if versus:
                 low, high = versus["paired"]["interval_95"]
                 text += (f" ({versus['paired']['median']:.2f}x {versus['against']} paired, 95% "
-                         f"{low:.2f}-{high:.2f}; fastest epochs {versus['fastest_epoch_ratio']:.2f}x)")
+                         f"{low:.2f}-{high:.2f}; fastest epochs {versus['fastest_epoch_ratio']:.2f}x"
+                         + ("; the same program" if versus.get("same_program") else "") + ")")
             parts.append(text)
         lines.append(f"- batch {batch}: flaxcnn default ({next(iter(default.values()))['path']}) vs the best "
                      f"PyTorch path: {'; '.join(parts)}; geometric mean {geo:.2f}x")
         if any(r.get("vs_faster_forced") for r in default.values()):
             lines.append("  (in brackets: the default against the forced choice it does worst against, "
-                         "--conv-impl kernels or xla; paired = " + PAIRED_METHOD + ")")
+                         "--conv-impl kernels or xla; paired = " + PAIRED_METHOD + "; \"the same program\": "
+                         "the default's whole-step choice was that forced setting, so the ratio is the run's "
+                         "resolution)")
     return lines
 
 

@@ -228,5 +228,11 @@ def test_summary_reports_the_default_against_the_forced_choice_it_does_worst_aga
         row("flaxcnn", "step-kernels", [0.9, 0.9, 1.0, 0.9]), row("flaxcnn", "step-xla", [2.0] * 4)])
     versus = results[2]["vs_faster_forced"]
     assert versus["against"] == "step-kernels" and abs(versus["paired"]["median"] - 0.9) < 1e-9
+    assert not versus["same_program"]  # no whole-step choice recorded
     text = "\n".join(summary_lines({"results": results}))
     assert "net 2.00x (0.90x step-kernels paired" in text and "geometric mean 2.00x" in text
+    assert "the same program)" not in text
+
+    results[2]["cpu_dispatch"] = {"training_steps": [{"choice": "kernels"}]}
+    assert attach_ratios(results)[2]["vs_faster_forced"]["same_program"]
+    assert "fastest epochs 0.90x; the same program)" in "\n".join(summary_lines({"results": results}))

@@ -22,7 +22,6 @@ vmap``) through the same paths: the step is vmapped, and each model trains on it
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Callable, Iterator, Sequence
 
 import jax

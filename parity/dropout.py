@@ -12,6 +12,7 @@ H and W (channel dropout). The Flax layer then asks for a mask of the shape *its
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import numpy as np
@@ -27,10 +28,25 @@ class DropoutMismatch(AssertionError):
 
 
 @contextmanager
+def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, Callable]]):
+    """Each ``(module, hook)`` registered as a forward hook for the block, then removed."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def dropout_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every ``nn.Dropout``/``nn.Dropout2d`` of ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d))]
+
+
+@contextmanager
 def record_torch_masks(model: torch.nn.Module):
     """Collect {module name: [keep-mask in Flax layout, ...]} from every dropout call."""
     masks: dict[str, list[np.ndarray]] = defaultdict(list)
-    handles = []
 
     def hook_for(name: str, module: torch.nn.Module):
         def hook(_module, inputs, output):
@@ -54,14 +70,33 @@ def record_torch_masks(model: torch.nn.Module):
 
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):
-            handles.append(module.register_forward_hook(hook_for(name, module)))
-    try:
+    with forward_hooks((module, hook_for(name, module)) for name, module in dropout_modules(model)):
         yield masks
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def torch_layout(mask: np.ndarray) -> np.ndarray:
+    """A recorded mask (Flax layout) in PyTorch's: NHWC -> NCHW; (N, 1, 1, C) -> (N, C, 1, 1)."""
+    return np.transpose(mask, (0, 3, 1, 2)) if mask.ndim == 4 else mask
+
+
+@contextmanager
+def replay_torch_masks(model: torch.nn.Module, masks: dict[str, list[np.ndarray]]):
+    """Make every dropout module of ``model`` (a PyTorch reference) apply the recorded masks, in
+    call order, as ``x * mask / (1 - p)``: the network function of the run they came from."""
+    queues = {name: list(recorded) for name, recorded in masks.items()}
+
+    def hook_for(name: str, module: torch.nn.Module):
+        def hook(_module, inputs, _output):
+            if not queues.get(name):
+                raise DropoutMismatch(f"{name}: called more often than in the recorded run")
+            x = inputs[0]
+            mask = torch.as_tensor(torch_layout(queues[name].pop(0)), dtype=x.dtype)
+            return x * mask / (1 - module.p)
+
+        return hook
+
+    with forward_hooks((module, hook_for(name, module)) for name, module in dropout_modules(model)):
+        yield
 
 
 @contextmanager

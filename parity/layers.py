@@ -64,7 +64,7 @@ from flax import nnx
 from flaxcnn import convert
 from flaxcnn.models.layers import Dropout as FlaxcnnDropout
 from parity.checks import FORWARD_TOL, GRAD_TOL, pin_full_precision
-from parity.dropout import replay_flax_masks
+from parity.dropout import forward_hooks, replay_flax_masks
 
 RTOL = 1e-5  # relative part of every tolerance (see the module docstring)
 Loss = Literal["cross_entropy", "nll"]
@@ -181,7 +181,6 @@ def _leaf_modules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module
 def _record_torch(model: torch.nn.Module, calls: dict[Key, _TorchCall], grads: dict[Key, np.ndarray] | None):
     """Record every leaf module call into ``calls`` (and its output gradient into ``grads``)."""
     counts: dict[str, int] = defaultdict(int)
-    handles = []
 
     def hook_for(name: str, module: torch.nn.Module):
         has_state = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
@@ -202,13 +201,8 @@ def _record_torch(model: torch.nn.Module, calls: dict[Key, _TorchCall], grads: d
 
         return hook
 
-    for name, module in _leaf_modules(model):
-        handles.append(module.register_forward_hook(hook_for(name, module)))
-    try:
+    with forward_hooks((module, hook_for(name, module)) for name, module in _leaf_modules(model)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager

@@ -89,3 +89,38 @@ def test_lab_netdepth_as_written_cannot_train():
     with pytest.raises(ValueError, match="batch_size"):
         torch.nn.functional.cross_entropy(out, torch.zeros(8, dtype=torch.long))
     assert np.isfinite(out.detach().numpy()).all()
+
+
+def test_torch_mask_replay_reproduces_the_recorded_run():
+    import torch
+
+    from parity.checks import _torch_loss
+    from parity.dropout import record_torch_masks, replay_torch_masks
+
+    spec = get_model("convnet")  # Dropout2d after a conv and Dropout before the last Linear
+    torch.manual_seed(0)
+    model = spec.build_torch()
+    x, y = torch.randn(spec.example_shape(8)), torch.randint(0, 35, (8,))
+    model.train()
+    with record_torch_masks(model) as masks:
+        out = model(x)
+    again = spec.build_torch()
+    again.load_state_dict(model.state_dict())
+    again.train()
+    with replay_torch_masks(again, masks):
+        replayed = again(x)
+    np.testing.assert_allclose(replayed.detach().numpy(), out.detach().numpy(), atol=1e-6, rtol=0)
+    assert _torch_loss(spec, replayed, y).item() == pytest.approx(_torch_loss(spec, out, y).item(), abs=1e-6)
+
+
+def test_relu_kinks_counts_near_zero_inputs_and_measures_the_flip(capsys):
+    from parity.kinks import main, relu_kinks
+
+    none = relu_kinks("speechresnet", "s3b1_bn1", band=0.0, batch=4)
+    # nothing flipped: only the replayed dropout's rounding (x * mask / (1 - p)) is left
+    assert none["near_zero"] == 0 and max(none["grad_shift"].values()) < 1e-6
+    some = relu_kinks("speechresnet", "s3b1_bn1", band=0.05, batch=4)
+    assert some["near_zero"] > 0 and all(abs(v) < 0.05 for v in some["values"])
+    assert some["grad_shift"]["s3b1_conv1.weight"] > 1e-5
+    assert main(["--model", "speechresnet", "--layer", "nope", "--batch", "2"]) == 2
+    assert "has no module 'nope'" in capsys.readouterr().err

@@ -9,7 +9,9 @@ import math
 
 import numpy as np
 
-FORCED_PATHS = ("step-xla", "step-kernels")
+#: the whole-step choice (flaxcnn.train.step_choice) -> the forced row that runs the same program
+FORCED_BY_STEP_CHOICE = {"kernels": "step-kernels", "xla": "step-xla"}
+FORCED_PATHS = tuple(FORCED_BY_STEP_CHOICE.values())
 PAIRED_METHOD = ("median over the timed epochs of the forced row's epoch time over the default row's in the "
                  "same round of interleaved epochs; 95% percentile-bootstrap interval over those epochs")
 PATH_ORDER = ("lab-loop", "torch-sliced", "torch-compile", "step", "scan", "step-xla", "step-kernels")
@@ -79,10 +81,6 @@ def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, An
                                    "fastest_epoch_ratio": row["samples_per_second"] / other["samples_per_second"],
                                    "same_program": FORCED_BY_STEP_CHOICE.get(step_choice(row)) == against}
     return results
-
-
-#: the whole-step choice (flaxcnn.train.step_choice) -> the forced row that runs the same program
-FORCED_BY_STEP_CHOICE = {"kernels": "step-kernels", "xla": "step-xla"}
 
 
 def step_choice(row: dict[str, Any]) -> str | None:

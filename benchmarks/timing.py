@@ -49,9 +49,8 @@ def time_training_interleaved(trainers: dict[str, Trainer], samples: int, epochs
     trainer's warm-up epoch, then timed epoch 1 of each, epoch 2 of each, and so on (in the order
     of :func:`round_order`), so that a slow spell of the machine falls on all of them alike rather
     than on whichever ran then (rows timed one after another differed by 10-20% on the same
-    program). ``after_warmup(name)``, if
-    given, runs after each trainer's warm-up epoch. A trainer that raises gets
-    ``{"error": ...}`` and the others go on."""
+    program). ``after_warmup(name)``, if given, runs after each trainer's warm-up epoch. A
+    trainer that raises gets ``{"error": ...}`` and the others go on."""
     seconds: dict[str, list[float]] = {name: [] for name in trainers}
     losses: dict[str, list[float]] = {name: [] for name in trainers}
     results: dict[str, dict[str, Any]] = {}

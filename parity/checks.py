@@ -119,6 +119,19 @@ def torch_layer_shapes(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[st
     return log
 
 
+def reference_and_batch(spec: ModelSpec, batch: int, seed: int
+                        ) -> tuple[torch.nn.Module, dict, torch.Tensor, torch.Tensor]:
+    """The PyTorch reference initialised under ``seed``, a copy of its initial ``state_dict``,
+    and the check's batch: N(0, 1) inputs and uniform labels drawn under ``seed + 1``."""
+    torch.manual_seed(seed)
+    model = spec.build_torch()
+    initial = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(spec.example_shape(batch), generator=gen)
+    num_classes = initial[list(initial)[-1]].shape[0]
+    return model, initial, x, torch.randint(0, num_classes, (batch,), generator=gen)
+
+
 def check_model(
     spec: ModelSpec,
     *,
@@ -131,16 +144,9 @@ def check_model(
     prove that a wrong conversion is caught."""
     pin_full_precision()
     problems: list[str] = []
-    torch.manual_seed(seed)
-    tmodel = spec.build_torch()
-    initial_sd = copy.deepcopy(tmodel.state_dict())
+    tmodel, initial_sd, x_t, y_t = reference_and_batch(spec, batch, seed)
     fmodel = spec.build(seed=seed)
     converter(fmodel, initial_sd)
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    x_t = torch.randn(spec.example_shape(batch), generator=gen)
-    num_classes = tmodel.state_dict()[list(tmodel.state_dict())[-1]].shape[0]
-    y_t = torch.randint(0, num_classes, (batch,), generator=gen)
     x_f, y_f = jnp.asarray(x_t.numpy()), jnp.asarray(y_t.numpy(), jnp.int32)
 
     # 1. eval-mode forward

@@ -15,15 +15,14 @@ tolerance, the tolerance cannot hold for this batch whoever computes it.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from collections.abc import Sequence
 
 import torch
 
 from flaxcnn.models.registry import MODELS, get_model
-from parity.checks import GRAD_TOL, _torch_loss, pin_full_precision
-from parity.dropout import record_torch_masks, replay_torch_masks
+from parity.checks import GRAD_TOL, _torch_loss, pin_full_precision, reference_and_batch
+from parity.dropout import forward_hooks, record_torch_masks, replay_torch_masks
 
 
 def relu_kinks(model_name: str, layer: str, *, band: float = 1e-5, batch: int = 64, seed: int = 0) -> dict:
@@ -32,36 +31,28 @@ def relu_kinks(model_name: str, layer: str, *, band: float = 1e-5, batch: int = 
     as :func:`parity.checks.check_model` does."""
     pin_full_precision()
     spec = get_model(model_name)
-    torch.manual_seed(seed)
-    model = spec.build_torch()
-    state = copy.deepcopy(model.state_dict())
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(spec.example_shape(batch), generator=gen)
-    num_classes = state[list(state)[-1]].shape[0]
-    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    model, state, x, y = reference_and_batch(spec, batch, seed)
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ValueError(f"{model_name} has no module {layer!r}; modules: {', '.join(n for n in modules if n)}")
 
     captured = {}
-    model.train()
+
     def keep_output(_module, _inputs, out) -> None:  # returns None: the output is left as it is
         captured["out"] = out.detach()
 
-    handle = modules[layer].register_forward_hook(keep_output)
-    with record_torch_masks(model) as masks:
+    model.train()
+    with forward_hooks([(modules[layer], keep_output)]), record_torch_masks(model) as masks:
         out = model(x)
-    handle.remove()
     _torch_loss(spec, out, y).backward()
     near = captured["out"].abs() < band
 
     flipped = spec.build_torch()
     flipped.load_state_dict(state)
     flipped.train()
-    handle = dict(flipped.named_modules())[layer].register_forward_hook(lambda _m, _i, out: torch.where(near, -out, out))
-    with replay_torch_masks(flipped, masks):
+    flip = (dict(flipped.named_modules())[layer], lambda _m, _i, out: torch.where(near, -out, out))
+    with forward_hooks([flip]), replay_torch_masks(flipped, masks):
         out = flipped(x)
-    handle.remove()
     _torch_loss(spec, out, y).backward()
     flipped_grads = dict(flipped.named_parameters())
     shift = {name: float((flipped_grads[name].grad - p.grad).abs().max()) for name, p in model.named_parameters()}

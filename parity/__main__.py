@@ -17,11 +17,12 @@ from parity.checks import FORWARD_TOL, GRAD_TOL, TRAIN_FORWARD_TOL, ParityResult
 
 
 def format_table(results: Sequence[ParityResult]) -> str:
-    header = ("model", "#params", "fwd max|Δ|", "train max|Δ|", "grad max|Δ|", "shapes ok", "round trip ok", "passed")
+    header = ("model", "#params", "fwd max|Δ|", "train max|Δ|", "grad max|Δ|", "ReLU replayed", "shapes ok",
+              "round trip ok", "passed")
     rows = [header] + [
         (
             r.name, f"{r.params:,}", f"{r.forward_max_abs_diff:.2e}", f"{r.train_forward_max_abs_diff:.2e}",
-            f"{r.grad_max_abs_diff:.2e}", "yes" if r.shapes_match else "NO", "yes" if r.roundtrip_exact else "NO",
+            f"{r.grad_max_abs_diff:.2e}", str(r.relu_decisions_replayed), "yes" if r.shapes_match else "NO", "yes" if r.roundtrip_exact else "NO",
             "PASS" if r.passed else "FAIL",
         )
         for r in results
@@ -69,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     print(f"tolerances: forward {FORWARD_TOL:g}, train-mode forward {TRAIN_FORWARD_TOL:g}, gradients {GRAD_TOL:g} "
           "(float32, full-precision matmul/conv, batch %d, seed %d)" % (args.batch, args.seed))
+    for r in results:
+        if r.relu_decisions_replayed:
+            print(f"{r.name}: {r.relu_decisions_replayed} ReLU decisions made by rounding (inputs within tolerance "
+                  f"of zero, decided differently) replayed into PyTorch; without the replay grad max|Δ| is "
+                  f"{r.grad_max_abs_diff_unreplayed:.2e}")
     for r in results:
         for problem in r.problems:
             print(f"{r.name}: {problem}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Parity checks: a registered Flax model against its PyTorch reference, from one torch init.
 
 For each model: eval-mode forward, train-mode forward (batch statistics, replayed dropout
-masks, updated running statistics), gradients of the lab's loss w.r.t. every parameter,
+masks, updated running statistics), gradients of the lab's loss w.r.t. every parameter (ReLU decisions
+made by rounding replayed into PyTorch, :mod:`parity.relu_decisions`),
 per-layer output shapes, and the round trip torch -> Flax -> torch (bitwise, and loadable with
 ``strict=True``). Everything runs in float32 with full-precision matmuls and convolutions.
 """
@@ -21,11 +22,21 @@ from flax import nnx
 
 from flaxcnn import convert
 from flaxcnn.models.registry import ModelSpec
-from parity.dropout import record_torch_masks, replay_flax_masks
+from parity.dropout import record_torch_masks, replay_flax_masks, replay_torch_masks
+from parity.relu_decisions import (
+    DecisionReplay,
+    decisions_to_replay,
+    record_flax_relu_inputs,
+    record_torch_relu_inputs,
+    replay_torch_relu_decisions,
+)
 
 FORWARD_TOL = 1e-6
 TRAIN_FORWARD_TOL = 1e-6
 GRAD_TOL = 1e-5
+# Relative part of intermediate-value tolerances (parity.layers, parity.relu_decisions): activations
+# inside a network are larger than its outputs, and float32 rounding grows with magnitude.
+RTOL = 1e-5
 
 Converter = Callable[[nnx.Module, dict], nnx.Module]
 Exporter = Callable[[nnx.Module], dict]
@@ -49,6 +60,8 @@ class ParityResult:
     roundtrip_exact: bool
     passed: bool
     dropout_masks_replayed: int = 0
+    relu_decisions_replayed: int = 0
+    grad_max_abs_diff_unreplayed: float = 0.0
     worst_grad_key: str = ""
     problems: list[str] = field(default_factory=list)
 
@@ -119,6 +132,29 @@ def torch_layer_shapes(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[st
     return log
 
 
+def _grad_diff(grads_f: dict, grads_t: dict) -> tuple[float, str]:
+    """The largest |Δ| over all parameter gradients, and the key where it is."""
+    worst_diff, worst = 0.0, ""
+    for key, g in grads_t.items():
+        d = _max_abs(grads_f.get(key, np.full((), np.inf)), g)
+        if d > worst_diff:
+            worst_diff, worst = d, key
+    return worst_diff, worst
+
+
+def _torch_grads_with_decisions(spec: ModelSpec, initial_sd: dict, x: torch.Tensor, y: torch.Tensor,
+                                masks: dict, replay: DecisionReplay) -> dict[str, np.ndarray]:
+    """PyTorch's gradients from the recorded train-mode run with flaxcnn's ReLU decisions where
+    the two differ within tolerance of zero (:mod:`parity.relu_decisions`)."""
+    model = spec.build_torch()
+    model.load_state_dict(initial_sd)
+    model.train()
+    with replay_torch_masks(model, masks), replay_torch_relu_decisions(replay):
+        out = model(x)
+    _torch_loss(spec, out, y).backward()
+    return {k: p.grad.numpy() for k, p in model.named_parameters()}
+
+
 def reference_and_batch(spec: ModelSpec, batch: int, seed: int
                         ) -> tuple[torch.nn.Module, dict, torch.Tensor, torch.Tensor]:
     """The PyTorch reference initialised under ``seed``, a copy of its initial ``state_dict``,
@@ -167,7 +203,7 @@ def check_model(
     # 3. train-mode forward and gradients, dropout masks replayed from PyTorch
     tmodel.train()
     tmodel.zero_grad()
-    with record_torch_masks(tmodel) as masks:
+    with record_torch_masks(tmodel) as masks, record_torch_relu_inputs() as relu_inputs_t:
         out_t = tmodel(x_t)
     loss_t = _torch_loss(spec, out_t, y_t)
     loss_t.backward()
@@ -180,7 +216,7 @@ def check_model(
         out = model(x_f)
         return _flax_loss(spec, out, y_f), out
 
-    with replay_flax_masks(fmodel, masks):
+    with replay_flax_masks(fmodel, masks), record_flax_relu_inputs() as relu_inputs_f:
         (_, out_f), grads_f = nnx.value_and_grad(loss_fn, has_aux=True)(fmodel)
     train_diff = _max_abs(out_f, out_t.detach().numpy())
     exported_after_step = convert.to_numpy_state_dict(fmodel)
@@ -190,11 +226,17 @@ def check_model(
     grad_model = nnx.clone(fmodel)
     nnx.update(grad_model, grads_f)
     grads_f_torch = convert.to_numpy_state_dict(grad_model)
-    grad_diff, worst = 0.0, ""
-    for key, g in grads_t.items():
-        d = _max_abs(grads_f_torch.get(key, np.full((), np.inf)), g)
-        if d > grad_diff:
-            grad_diff, worst = d, key
+    grad_diff, worst = _grad_diff(grads_f_torch, grads_t)
+    unreplayed_diff = grad_diff
+    relu_replay = decisions_to_replay(relu_inputs_t, relu_inputs_f, atol=FORWARD_TOL, rtol=RTOL)
+    if relu_replay.tolerated:
+        grads_t = _torch_grads_with_decisions(spec, initial_sd, x_t, y_t, masks, relu_replay)
+        grad_diff, worst = _grad_diff(grads_f_torch, grads_t)
+    if relu_replay.beyond_tolerance:
+        problems.append(f"{relu_replay.beyond_tolerance} ReLU decisions differ beyond tolerance of zero "
+                        f"(PyTorch input up to {relu_replay.largest_beyond:.2e})")
+    if relu_replay.unpaired and grad_diff > GRAD_TOL:
+        problems.append(f"ReLU decisions not compared: {relu_replay.unpaired}")
 
     # 4. round trip torch -> Flax -> torch, and strict loading by the reference class
     fresh = spec.build(seed=seed + 7)
@@ -229,6 +271,8 @@ def check_model(
         roundtrip_exact=roundtrip,
         passed=all(checks.values()),
         dropout_masks_replayed=sum(len(v) for v in masks.values()),
+        relu_decisions_replayed=relu_replay.tolerated,
+        grad_max_abs_diff_unreplayed=unreplayed_diff,
         worst_grad_key=worst,
         problems=problems,
     )

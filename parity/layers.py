@@ -63,10 +63,9 @@ from flax import nnx
 
 from flaxcnn import convert
 from flaxcnn.models.layers import Dropout as FlaxcnnDropout
-from parity.checks import FORWARD_TOL, GRAD_TOL, pin_full_precision
+from parity.checks import FORWARD_TOL, GRAD_TOL, RTOL, pin_full_precision
 from parity.dropout import forward_hooks, replay_flax_masks
 
-RTOL = 1e-5  # relative part of every tolerance (see the module docstring)
 Loss = Literal["cross_entropy", "nll"]
 Key = tuple[str, int]  # (layer name, call index)
 FlatLayout = tuple[int, int, int]  # (C, H, W) of an NHWC map flattened in (h, w, c) order

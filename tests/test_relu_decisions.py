@@ -1,0 +1,84 @@
+"""ReLU decisions made by rounding: recorded on both sides, replayed only within tolerance of zero."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from flaxcnn import convert
+from flaxcnn.models.registry import get_model
+from parity.checks import check_model
+from parity.relu_decisions import (
+    decisions_to_replay,
+    record_flax_relu_inputs,
+    record_torch_relu_inputs,
+    replay_torch_relu_decisions,
+)
+
+
+def test_only_sign_differences_within_the_band_are_replayed():
+    torch_in = [np.array([[4.0, 2e-6, -3e-6, 0.5, -1.0]], np.float32)]
+    flax_in = [np.array([[4.0, -1e-6, 2e-6, -0.5, -1.0]], np.float32)]
+    # band = 1e-6 + 1e-5 * 4 = 4.1e-5: elements 1 and 2 differ within it, element 3 far beyond it
+    replay = decisions_to_replay(torch_in, flax_in, atol=1e-6, rtol=1e-5)
+    assert replay.tolerated == 2 and replay.beyond_tolerance == 1
+    assert replay.largest_beyond == 0.5
+    np.testing.assert_array_equal(replay.where[0], [[False, True, True, False, False]])
+    np.testing.assert_array_equal(replay.passes[0], [[True, False, True, False, False]])
+
+
+def test_calls_that_do_not_pair_are_named_not_replayed():
+    one = np.zeros((2, 3), np.float32)
+    assert "PyTorch made 1 ReLU calls, flaxcnn 2" in decisions_to_replay([one], [one, one], atol=0, rtol=0).unpaired
+    other = decisions_to_replay([one], [np.zeros((3, 2), np.float32)], atol=0, rtol=0)
+    assert "ReLU call 0" in other.unpaired and other.tolerated == 0 and other.where == []
+
+
+def test_torch_relus_are_recorded_and_take_the_replayed_decision():
+    x = torch.tensor([[1.0, -1e-7, 1e-7, -2.0]], requires_grad=True)
+    relu_module = torch.nn.ReLU()
+    with record_torch_relu_inputs() as seen:
+        F.relu(x).sum()
+        relu_module(x * 2)
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[1], 2 * x.detach().numpy())
+
+    replay = decisions_to_replay([x.detach().numpy()], [np.array([[1.0, 1e-7, -1e-7, -2.0]], np.float32)],
+                                 atol=1e-6, rtol=0.0)
+    assert replay.tolerated == 2
+    with replay_torch_relu_decisions(replay):
+        out = F.relu(x)
+    out.sum().backward()
+    # element 1 now passes its gradient (flaxcnn's decision), element 2 blocks it
+    np.testing.assert_array_equal(x.grad.numpy(), [[1.0, 1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(out.detach().numpy(), [[1.0, -1e-7, 0.0, 0.0]])
+
+
+def test_flax_relus_are_recorded_under_value_and_grad_in_nchw():
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.scale = nnx.Param(jnp.ones(()))
+
+        def __call__(self, x):
+            return jax.nn.relu(self.scale * x).sum()
+
+    x = jnp.arange(24, dtype=jnp.float32).reshape(1, 2, 3, 4) - 10.0  # NHWC
+    with record_flax_relu_inputs() as seen:
+        nnx.value_and_grad(lambda m: m(x))(Tiny())
+    assert len(seen) == 1 and seen[0].shape == (1, 4, 2, 3)
+    np.testing.assert_array_equal(seen[0], np.transpose(np.asarray(x), (0, 3, 1, 2)))
+    assert jax.nn.relu.__name__ == "relu"  # restored after the block
+
+
+def test_a_conversion_that_moves_relu_inputs_is_not_excused():
+    def shifted_bn_bias(model, state_dict):
+        state_dict = dict(state_dict)
+        state_dict["s1b1_bn1.bias"] = state_dict["s1b1_bn1.bias"] + 0.1
+        return convert.load_torch_state_dict(model, state_dict)
+
+    result = check_model(get_model("speechresnet"), batch=4, converter=shifted_bn_bias)
+    assert not result.passed
+    assert any("ReLU decisions differ beyond tolerance" in p for p in result.problems)
+    assert result.grad_max_abs_diff > 1e-5

@@ -7,7 +7,8 @@ by that element's whole contribution. This check counts, in PyTorch's own train-
 inputs of the ReLU after ``layer`` within ``band`` of zero, and measures how far flipping
 exactly those decisions moves PyTorch's gradients (the rerun replays the recorded dropout masks,
 whose arithmetic alone moves them by about 1e-7). When that is larger than the gradient
-tolerance, the tolerance cannot hold for this batch whoever computes it.
+tolerance, the tolerance cannot hold for this batch whoever computes it, and the parity check
+replays flaxcnn's decisions at such elements into PyTorch (:mod:`parity.relu_decisions`).
 
     python -m parity.kinks --model speechresnet-wide --layer s3b1_bn1      # batch 64, seed 0
 """

@@ -73,7 +73,7 @@ def test_cli_writes_json_and_exit_code(tmp_path, capsys):
     assert data["passed"] is True
     row = data["models"][0]
     for key in ("name", "params", "forward_max_abs_diff", "train_forward_max_abs_diff", "grad_max_abs_diff",
-                "shapes_match", "roundtrip_exact", "passed"):
+                "shapes_match", "roundtrip_exact", "passed", "relu_decisions_replayed", "grad_max_abs_diff_unreplayed"):
         assert key in row
     assert row["params"] == 18090
     assert "| net " in capsys.readouterr().out

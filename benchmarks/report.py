@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import numpy as np
 FORCED_BY_STEP_CHOICE = {"kernels": "step-kernels", "xla": "step-xla"}
 FORCED_PATHS = tuple(FORCED_BY_STEP_CHOICE.values())
 PAIRED_METHOD = ("median over the timed epochs of the forced row's epoch time over the default row's in the "
-                 "same round of interleaved epochs; 95% percentile-bootstrap interval over those epochs")
+                 "same round of interleaved epochs; 95% percentile-bootstrap interval over those epochs (over "
+                 "processes, then their epochs, for rows measured in several processes: --repeats)")
 PATH_ORDER = ("lab-loop", "torch-sliced", "torch-compile", "step", "scan", "step-xla", "step-kernels")
 BASELINE = ("torch", "lab-loop")
 
@@ -43,7 +45,8 @@ def attach_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return attach_default_vs_forced(results)
 
 
-def paired_ratio(default_seconds: list[float], other_seconds: list[float], resamples: int = 4000,
+def paired_ratio(default_seconds: Sequence[float] | Sequence[Sequence[float]],
+                 other_seconds: Sequence[float] | Sequence[Sequence[float]], resamples: int = 4000,
                  seed: int = 0) -> dict[str, Any]:
     """How much faster the default row is than another row of the same interleaved run: the
     median of their per-round epoch-time ratios (other over default; above 1: the default is
@@ -52,14 +55,44 @@ def paired_ratio(default_seconds: list[float], other_seconds: list[float], resam
     Why paired: the fastest epoch of each row (the table's samples/s) compares two minima of
     6-12 noisy epochs; on a 2-core VM it was 0.93 for two rows of one run running the same program.
     Epochs of one round run back to back, so a slow spell of the machine moves both and cancels
-    in their ratio. The bootstrap is seeded: the same JSON renders the same interval."""
-    ratios = np.asarray(other_seconds, float) / np.asarray(default_seconds, float)
-    if ratios.size == 0:
+    in their ratio. The bootstrap is seeded: the same JSON renders the same interval.
+
+    Rows measured in several processes (``--repeats``) come as one list of epoch times per
+    process. Something fixed for a process's lifetime (where its buffers landed) moved one
+    row's ratio by about 6% between processes on a 2-core VM, more than one process's interval
+    showed; so the rounds of all processes are pooled for the median, and the bootstrap resamples
+    processes, then rounds within each drawn process (a two-level, cluster bootstrap), so that
+    the interval carries the spread between processes too."""
+    default_groups, other_groups = _by_process(default_seconds), _by_process(other_seconds)
+    if [len(g) for g in default_groups] != [len(g) for g in other_groups]:
+        raise ValueError("paired_ratio needs the same epochs (per process) of both rows")
+    ratios = [np.asarray(o, float) / np.asarray(d, float) for d, o in zip(default_groups, other_groups)]
+    if not ratios or min(r.size for r in ratios) == 0:
         raise ValueError("paired_ratio needs at least one epoch of each row")
     rng = np.random.default_rng(seed)
-    medians = np.median(rng.choice(ratios, size=(resamples, ratios.size)), axis=1)
+    if len(ratios) == 1:
+        medians = np.median(rng.choice(ratios[0], size=(resamples, ratios[0].size)), axis=1)
+    else:
+        medians = np.empty(resamples)
+        for i in range(resamples):
+            drawn = [ratios[j] for j in rng.integers(len(ratios), size=len(ratios))]
+            medians[i] = np.median(np.concatenate([rng.choice(r, size=r.size) for r in drawn]))
     low, high = np.percentile(medians, [2.5, 97.5])
-    return {"median": float(np.median(ratios)), "interval_95": [float(low), float(high)], "epochs": int(ratios.size)}
+    pooled = np.concatenate(ratios)
+    result = {"median": float(np.median(pooled)), "interval_95": [float(low), float(high)],
+              "epochs": int(pooled.size)}
+    if len(ratios) > 1:
+        result["processes"] = len(ratios)
+        result["median_by_process"] = [float(np.median(r)) for r in ratios]
+    return result
+
+
+def _by_process(seconds: Sequence[float] | Sequence[Sequence[float]]) -> list[list[float]]:
+    """Epoch times as one list per process (a flat list is one process)."""
+    seconds = list(seconds)
+    if seconds and isinstance(seconds[0], (list, tuple)):
+        return [list(group) for group in seconds]
+    return [seconds]
 
 
 def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,8 +104,8 @@ def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, An
         if not row.get("default_path"):
             continue
         forced = [r for r in rows if _key(r) == _key(row) and r["path"] in FORCED_PATHS]
-        pairs = {r["path"]: (paired_ratio(row["epoch_seconds"], r["epoch_seconds"]), r) for r in forced
-                 if len(r["epoch_seconds"]) == len(row["epoch_seconds"])}
+        pairs = {r["path"]: (paired_ratio(_epochs_by_process(row), _epochs_by_process(r)), r) for r in forced
+                 if [len(g) for g in _epochs_by_process(r)] == [len(g) for g in _epochs_by_process(row)]}
         if not pairs:
             continue
         against = min(pairs, key=lambda p: pairs[p][0]["median"])
@@ -81,6 +114,10 @@ def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, An
                                    "fastest_epoch_ratio": row["samples_per_second"] / other["samples_per_second"],
                                    "same_program": FORCED_BY_STEP_CHOICE.get(step_choice(row)) == against}
     return results
+
+
+def _epochs_by_process(row: dict[str, Any]) -> list[list[float]]:
+    return row.get("epoch_seconds_by_process") or [row["epoch_seconds"]]
 
 
 def step_choice(row: dict[str, Any]) -> str | None:
@@ -108,7 +145,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             versus = row.get("vs_faster_forced")
             if versus:
                 low, high = versus["paired"]["interval_95"]
-                text += (f" ({versus['paired']['median']:.2f}x {versus['against']} paired, 95% "
+                per_process = versus["paired"].get("median_by_process")
+                over = (f" over {len(per_process)} processes ({'/'.join(f'{m:.2f}' for m in per_process)})"
+                        if per_process else "")
+                text += (f" ({versus['paired']['median']:.2f}x {versus['against']} paired{over}, 95% "
                          f"{low:.2f}-{high:.2f}; fastest epochs {versus['fastest_epoch_ratio']:.2f}x"
                          + ("; the same program" if versus.get("same_program") else "") + ")")
             parts.append(text)
@@ -175,7 +215,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"warm-up = {s['warmup_method']}; eval: forward only, eval mode, "
         f"batches of {s['eval_batch']}; peak RSS: ru_maxrss of the framework's process "
         f"({s['process_per']} per process) when the row finished"
-        + (" (with the rows timed beside it)" if s.get("timing_order") else ""),
+        + (" (with the rows timed beside it)" if s.get("timing_order") else "")
+        + (f"; each flaxcnn process ran {s['repeats']} times: its rows' figures are medians over the processes "
+           "(benchmarks/repeats.py)" if s.get("repeats", 1) > 1 else ""),
         "",
         *summary_lines(report),
         "",

@@ -21,6 +21,7 @@ from typing import Any
 
 from benchmarks.machine import load_average, machine_info
 from benchmarks.process import run_isolated
+from benchmarks.repeats import merge_processes
 from benchmarks.report import attach_ratios, bar_chart, markdown
 from benchmarks.timing import EVAL_BATCH, THROUGHPUT_METHOD, WARMUP_METHOD
 from flaxcnn import cpu_memory
@@ -54,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speech-dir", default=None, help="real speech features (melspec_feats.npy) for speech models")
     p.add_argument("--process-per", choices=PROCESS_PER, default="model",
                    help="a new process per framework and model (default), per framework, or per row")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each flaxcnn process this many times and merge its rows (benchmarks/repeats.py): "
+                        "the default-vs-forced interval then carries the spread between processes "
+                        "(default 1; PyTorch processes run once)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads(N) in the PyTorch process (default: leave torch's own)")
     p.add_argument("--torch-keep-freed-memory", action="store_true",
@@ -88,6 +93,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--batch-sizes must be integers >= 1, got {batch_sizes}")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     if args.epochs < 1 or args.samples < 1:
         raise ConfigError(f"--epochs and --samples must be >= 1, got {args.epochs} and {args.samples}")
     data = ", ".join(f"{d}: {f}" for d, f in (("cifar", args.data_dir), ("speech", args.speech_dir)) if f)
@@ -98,7 +105,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
                  + (["torch-compile"] if args.torch_compile else []),
         "data_dirs": {"cifar": args.data_dir, "speech": args.speech_dir},
         "data": "real data for " + data + ", synthetic otherwise" if data else "synthetic N(0, 1) images",
-        "process_per": args.process_per, "torch_threads": args.torch_threads,
+        "process_per": args.process_per, "repeats": args.repeats, "torch_threads": args.torch_threads,
         "torch_keep_freed_memory": args.torch_keep_freed_memory,
         "warmup_method": WARMUP_METHOD, "throughput_method": THROUGHPUT_METHOD, "eval_batch": EVAL_BATCH,
         "timing_order": "the rows of one framework, model and batch size interleaved, epoch by epoch",
@@ -141,10 +148,15 @@ def run(settings: dict[str, Any], on_job_done: Callable[[dict[str, Any]], None] 
     with tempfile.TemporaryDirectory(prefix="flaxcnn-bench-init-") as init_dir:
         for job in plan_jobs(settings, init_dir):
             fw = job["framework"]
-            print(f"[{fw}] {len(job['rows'])} row(s) in a new process", file=sys.stderr, flush=True)
-            out = run_isolated("benchmarks.measure:run_rows", job, env=worker_env(fw, settings), label=fw)
+            repeats = settings.get("repeats", 1) if fw == "flaxcnn" else 1
+            runs = []
+            for repeat in range(repeats):
+                print(f"[{fw}] {len(job['rows'])} row(s) in a new process"
+                      + (f" ({repeat + 1} of {repeats})" if repeats > 1 else ""), file=sys.stderr, flush=True)
+                out = run_isolated("benchmarks.measure:run_rows", job, env=worker_env(fw, settings), label=fw)
+                runs.append(out["results"])
             machine.update(out["info"])
-            report["results"] = attach_ratios(report["results"] + out["results"])
+            report["results"] = attach_ratios(report["results"] + merge_processes(runs))
             machine["loadavg_latest"] = load_average()
             if on_job_done:
                 on_job_done(report)

@@ -236,3 +236,41 @@ def test_summary_reports_the_default_against_the_forced_choice_it_does_worst_aga
     results[2]["cpu_dispatch"] = {"training_steps": [{"choice": "kernels"}]}
     assert attach_ratios(results)[2]["vs_faster_forced"]["same_program"]
     assert "fastest epochs 0.90x; the same program)" in "\n".join(summary_lines({"results": results}))
+
+
+def test_rows_from_repeated_processes_merge_and_their_interval_carries_the_spread():
+    from benchmarks.repeats import merge_processes
+    from benchmarks.report import attach_ratios, summary_lines
+
+    def row(path, seconds, default=False):
+        return {"framework": "flaxcnn", "path": path, "model": "net", "batch_size": 64, "default_path": default,
+                "samples_per_second": 100 / min(seconds), "samples_per_second_median": 1.0,
+                "eval_samples_per_second": 1.0, "epoch_seconds": seconds, "peak_rss_mb": 10.0,
+                "throughput_method": "the fastest of the timed epochs",
+                "cpu_dispatch": {"conv_impl": "auto", "training_steps": [{"step": "s", "choice": "kernels"}]}}
+
+    # the default is 5% faster in process 1 and 5% slower in process 2; each process alone is tight
+    runs = [[row("step", [1.0] * 6, True), row("step-kernels", [1.05] * 6)],
+            [row("step", [1.0] * 6, True), row("step-kernels", [0.95] * 6)]]
+    merged = merge_processes(runs)
+    assert merged[0]["epoch_seconds_by_process"] == [[1.0] * 6] * 2 and merged[0]["processes"] == 2
+    assert merged[1]["samples_per_second"] == pytest.approx((100 / 1.05 + 100 / 0.95) / 2)  # median of two
+    assert merged[0]["cpu_dispatch_same_in_every_process"]
+    results = attach_ratios([{"framework": "torch", "path": "lab-loop", "model": "net", "batch_size": 64,
+                              "samples_per_second": 50.0, "eval_samples_per_second": 1.0,
+                              "epoch_seconds": [2.0] * 12}] + merged)
+    paired = results[1]["vs_faster_forced"]["paired"]
+    assert paired["processes"] == 2 and paired["median_by_process"] == pytest.approx([1.05, 0.95])
+    low, high = paired["interval_95"]
+    assert low <= 0.96 and high >= 1.04  # one process's interval would be a point
+    assert "paired over 2 processes (1.05/0.95)" in "\n".join(summary_lines({"results": results}))
+
+    broken = [[row("step", [1.0] * 6, True)], [{**row("step", [1.0] * 6, True), "error": "boom"}]]
+    assert merge_processes(broken)[0]["error"] == "boom"
+    with pytest.raises(ValueError, match="different row counts"):
+        merge_processes([[row("step", [1.0])], []])
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(Exception, match="--repeats must be >= 1"):
+        train_throughput.settings_from(train_throughput.parse_args(["--repeats", "0"]))

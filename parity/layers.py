@@ -13,6 +13,10 @@ output; the gradient of the loss with respect to the probes is the gradient with
 each layer's output. Plain functions inside an ``nnx.Sequential`` (``jax.nn.relu``, a pooling
 function) are recorded by the same means on the ``nnx.Sequential``. Dropout in train mode
 replays PyTorch's masks, drawn again exactly, into flaxcnn's dropout layers (:mod:`parity.dropout`).
+ReLU inputs that the two sides decide differently while both are within tolerance of zero are
+replayed into a second PyTorch training step, whose gradients and buffers are then compared
+(:mod:`parity.relu_decisions`; this needs the port to call ``jax.nn.relu`` by that name at call
+time, as flaxcnn's models do; otherwise the calls do not pair and nothing is replayed).
 
 How layers are paired: by name. Torch names are ``named_modules()`` names of leaf modules
 (``features.0``, ``fc1``); Flax names are those :func:`flaxcnn.convert.named_layers` gives, the
@@ -65,6 +69,13 @@ from flaxcnn import convert
 from flaxcnn.models.layers import Dropout as FlaxcnnDropout
 from parity.checks import FORWARD_TOL, GRAD_TOL, RTOL, pin_full_precision
 from parity.dropout import forward_hooks, replay_flax_masks
+from parity.relu_decisions import (
+    DecisionReplay,
+    decisions_to_replay,
+    record_flax_relu_inputs,
+    record_torch_relu_inputs,
+    replay_torch_relu_decisions,
+)
 
 Loss = Literal["cross_entropy", "nll"]
 Key = tuple[str, int]  # (layer name, call index)
@@ -122,6 +133,7 @@ class LayerReport:
     divergence_kind: str  # "input", "forward", "state", "backward", "output" or ""
     explanation: str
     unpaired: list[str] = field(default_factory=list)
+    relu_decisions_replayed: int = 0
 
     @property
     def passed(self) -> bool:
@@ -534,16 +546,24 @@ def compare_layers(
     y_t, y_f = torch.from_numpy(y.astype(np.int64)), jnp.asarray(y, jnp.int32)
 
     # ---- train mode: outputs, gradients, statistics after the step; dropout masks replayed
-    tmodel.train()
-    tmodel.zero_grad()
-    t_train: dict[Key, _TorchCall] = {}
-    t_grads: dict[Key, np.ndarray] = {}
-    with _record_torch(tmodel, t_train, t_grads), record_exact_masks(tmodel) as masks:
-        out_t = tmodel(x_t)
-    _torch_loss(loss, out_t, y_t).backward()
-    out_t_train = out_t.detach().numpy()
-    t_param_grads = _group_by_layer({k: p.grad.numpy() for k, p in tmodel.named_parameters() if p.grad is not None})
-    t_buffers = _group_by_layer({k: b.numpy() for k, b in tmodel.named_buffers()})
+    rng_before_train = torch.get_rng_state()
+
+    def torch_train_pass(decisions: DecisionReplay | None = None):
+        """PyTorch's training step from the state after the eval pass; with ``decisions``, its
+        ReLUs take flaxcnn's decisions there (and dropout draws the same masks: same RNG state)."""
+        model = copy.deepcopy(torch_model)
+        model.train()
+        model.zero_grad()
+        calls: dict[Key, _TorchCall] = {}
+        grads: dict[Key, np.ndarray] = {}
+        torch.set_rng_state(rng_before_train)
+        relus = record_torch_relu_inputs() if decisions is None else replay_torch_relu_decisions(decisions)
+        with _record_torch(model, calls, grads), record_exact_masks(model) as masks, relus as relu_inputs:
+            out = model(x_t)
+        _torch_loss(loss, out, y_t).backward()
+        return model, calls, grads, masks, out.detach().numpy(), relu_inputs
+
+    tmodel, t_train, t_grads, masks, out_t_train, t_relu_inputs = torch_train_pass()
 
     fclone, flayers = _recording_clone(flax_model, rename)
     fclone.train()
@@ -556,10 +576,17 @@ def compare_layers(
         sessions.append(session)
         return _flax_loss(loss, out, y_f), (out, session.arrays)
 
-    with replay_masks(fclone, masks, rename):
+    with replay_masks(fclone, masks, rename), record_flax_relu_inputs() as f_relu_inputs:
         (_, (out_f_train, f_arrays)), (f_param_grads, f_probe_grads) = nnx.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True)(fclone, probes)
     f_train = sessions[-1].calls
+    # ReLUs decided by rounding (parity.relu_decisions): PyTorch's step again, with flaxcnn's
+    # decisions where the two differ within tolerance of zero; gradients and buffers from that run
+    decisions = decisions_to_replay(t_relu_inputs, f_relu_inputs, atol=forward_tol, rtol=rtol)
+    if decisions.tolerated:
+        tmodel, t_train, t_grads, _, out_t_train, _ = torch_train_pass(decisions)
+    t_param_grads = _group_by_layer({k: p.grad.numpy() for k, p in tmodel.named_parameters() if p.grad is not None})
+    t_buffers = _group_by_layer({k: b.numpy() for k, b in tmodel.named_buffers()})
     grad_model = nnx.clone(flax_model)
     nnx.update(grad_model, f_param_grads)
     f_param_grads_t = _group_by_layer(convert.to_numpy_state_dict(grad_model, nchw_flatten=flatten_spec), rename)
@@ -653,7 +680,14 @@ def compare_layers(
     first, kind, why = _verdict(rows, output_diff, train_output_diff, forward_tol)
     if unpaired:
         why += "\nnot compared (no parameters, one side only): " + ", ".join(unpaired)
-    return LayerReport(rows, output_diff, train_output_diff, first, kind, why, unpaired)
+    if decisions.tolerated:
+        why += (f"\n{decisions.tolerated} ReLU decision(s) made by rounding (inputs within tolerance of zero, "
+                "decided differently) replayed into PyTorch's training step (parity.relu_decisions)")
+    if decisions.beyond_tolerance:
+        why += (f"\n{decisions.beyond_tolerance} ReLU decision(s) differ beyond tolerance of zero "
+                f"(PyTorch input up to {decisions.largest_beyond:.2e})")
+    return LayerReport(rows, output_diff, train_output_diff, first, kind, why, unpaired,
+                       relu_decisions_replayed=decisions.tolerated)
 
 
 def _verdict(rows: Sequence[LayerRow], output_diff: float, train_output_diff: float, tol: float

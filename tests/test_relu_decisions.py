@@ -82,3 +82,52 @@ def test_a_conversion_that_moves_relu_inputs_is_not_excused():
     assert not result.passed
     assert any("ReLU decisions differ beyond tolerance" in p for p in result.problems)
     assert result.grad_max_abs_diff > 1e-5
+
+
+class _TinyTorch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class _TinyFlax(nnx.Module):
+    """The port, shifted by ``shift`` before its ReLU: a forward difference of that size."""
+
+    def __init__(self, torch_model: _TinyTorch, shift: float):
+        self.shift = shift
+        self.fc1, self.fc2 = nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+        for name in ("fc1", "fc2"):
+            layer, source = getattr(self, name), getattr(torch_model, name)
+            layer.kernel[...] = jnp.asarray(source.weight.detach().numpy().T)
+            layer.bias[...] = jnp.asarray(source.bias.detach().numpy())
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x) + self.shift))
+
+
+def _tiny_pair(shift: float):
+    torch.manual_seed(0)
+    tmodel = _TinyTorch()
+    with torch.no_grad():  # the first hidden unit's input is exactly 0 in PyTorch: it blocks its gradient
+        tmodel.fc1.weight[0] = 0.0
+        tmodel.fc1.bias[0] = 0.0
+    return tmodel, _TinyFlax(tmodel, shift)
+
+
+def test_the_layer_report_replays_a_decision_made_by_rounding_and_not_a_real_difference():
+    from parity.layers import compare_layers
+
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    y = np.array([0, 1, 1, 0, 1])
+    tmodel, fmodel = _tiny_pair(shift=1e-7)  # within tolerance: the port passes that unit's gradient
+    report = compare_layers(tmodel, fmodel, x, y)
+    assert report.passed and report.relu_decisions_replayed == 5, report.format()
+    assert "5 ReLU decision(s) made by rounding" in report.format()
+
+    tmodel, fmodel = _tiny_pair(shift=1e-3)  # beyond tolerance: a real difference, reported
+    report = compare_layers(tmodel, fmodel, x, y)
+    assert not report.passed and report.relu_decisions_replayed == 0
+    assert "differ beyond tolerance of zero" in report.format()

@@ -104,8 +104,9 @@ def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, An
         if not row.get("default_path"):
             continue
         forced = [r for r in rows if _key(r) == _key(row) and r["path"] in FORCED_PATHS]
-        pairs = {r["path"]: (paired_ratio(_epochs_by_process(row), _epochs_by_process(r)), r) for r in forced
-                 if [len(g) for g in _epochs_by_process(r)] == [len(g) for g in _epochs_by_process(row)]}
+        epochs = _epochs_by_process(row)
+        pairs = {r["path"]: (paired_ratio(epochs, _epochs_by_process(r)), r) for r in forced
+                 if list(map(len, _epochs_by_process(r))) == list(map(len, epochs))}
         if not pairs:
             continue
         against = min(pairs, key=lambda p: pairs[p][0]["median"])

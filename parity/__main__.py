@@ -22,8 +22,8 @@ def format_table(results: Sequence[ParityResult]) -> str:
     rows = [header] + [
         (
             r.name, f"{r.params:,}", f"{r.forward_max_abs_diff:.2e}", f"{r.train_forward_max_abs_diff:.2e}",
-            f"{r.grad_max_abs_diff:.2e}", str(r.relu_decisions_replayed), "yes" if r.shapes_match else "NO", "yes" if r.roundtrip_exact else "NO",
-            "PASS" if r.passed else "FAIL",
+            f"{r.grad_max_abs_diff:.2e}", str(r.relu_decisions_replayed), "yes" if r.shapes_match else "NO",
+            "yes" if r.roundtrip_exact else "NO", "PASS" if r.passed else "FAIL",
         )
         for r in results
     ]

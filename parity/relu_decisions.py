@@ -37,11 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-_TORCH_RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
-try:
-    _TORCH_RELUS.add(F.relu_)
-except AttributeError:  # pragma: no cover - F.relu_ is present in every torch 2.x
-    pass
+_TORCH_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
 
 class _ReluMode(TorchFunctionMode):

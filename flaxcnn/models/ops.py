@@ -8,6 +8,7 @@ chosen for XLA's CPU and GPU backends; see the notes on each.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,40 +18,50 @@ import numpy as np
 from jax import lax
 
 from flaxcnn import kernels
-from flaxcnn.models import dispatch
+from flaxcnn.models.conv_policy import CONV_PARTS, DEFAULT, ConvLayer, ConvPolicy, PoolLayer
 
 #: the layout every flaxcnn convolution uses (see :mod:`flaxcnn.models.layers`)
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                         precision=None, **kwargs) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated`` (what ``nnx.Conv`` calls).
+@dataclass(frozen=True)
+class Convolution:
+    """``lax.conv_general_dilated`` (what ``nnx.Conv`` calls) under a :class:`ConvPolicy`.
 
-    A plain convolution (stride 1, no dilation, one group, explicit padding, NHWC/HWIO) lowers,
-    on CPU, to :func:`conv2d` with the implementation of each part (forward, kernel gradient,
-    input gradient) that :mod:`flaxcnn.models.dispatch` measured fastest for this layer shape on
-    this machine: flaxcnn's C++ kernels or one of the XLA formulations below. On every other
-    platform (GPU, TPU) it lowers to XLA's convolution. The choice is made at lowering
-    (``lax.platform_dependent``), not from the default backend, so the same jitted function
-    placed on a CPU device of a GPU host, or exported for another platform, gets the right code.
-    Everything else goes to XLA's convolution unchanged.
+    A plain convolution (stride 1, no dilation, one group, explicit padding, NHWC/HWIO, float32)
+    lowers, on CPU, to :func:`conv2d` with the implementation of each part (forward, kernel
+    gradient, input gradient) that ``policy`` names for this layer shape; on every other platform
+    (GPU, TPU) to XLA's convolution. The platform is chosen at lowering
+    (``lax.platform_dependent``), not from the default backend, so the same jitted function placed
+    on a CPU device of a GPU host, or exported for another platform, gets the right code.
+    Everything else goes to XLA's convolution unchanged. Frozen and hashable: an ``nnx.Conv``
+    holding one keeps it in its static graph, so a policy is part of the traced program.
     """
-    if (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
-            and tuple(window_strides) == (1, 1)
-            and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)):
-        pads = tuple(tuple(int(v) for v in p) for p in padding)
-        layer = dispatch.conv_layer(lhs.shape, rhs.shape, pads, lhs.dtype, precision)
-        if layer is None:  # switched off (a sharded step) or not float32: XLA's convolution everywhere
-            return xla_conv(lhs, rhs, pads, precision)
-        return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: conv2d(x, w, layer),
-                                      default=lambda x, w: xla_conv(x, w, pads, precision))
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+    policy: ConvPolicy = DEFAULT
+
+    def __call__(self, lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
+                 rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                 precision=None, **kwargs) -> jax.Array:
+        if (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
+                and tuple(window_strides) == (1, 1) and jnp.dtype(lhs.dtype) == jnp.float32
+                and jnp.dtype(rhs.dtype) == jnp.float32 and not kwargs
+                and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)):
+            pads = tuple(tuple(int(v) for v in p) for p in padding)
+            n, h, w, _ = (int(v) for v in lhs.shape)
+            layer = ConvLayer(n, h, w, tuple(int(v) for v in rhs.shape), pads, precision, self.policy.kernel_isa())
+            choice = tuple(self.policy.choose(layer, part, PARTS[part]) for part in CONV_PARTS)
+            return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: conv2d(x, w, layer, choice),
+                                          default=lambda x, w: xla_conv(x, w, pads, precision))
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
+#: ``nnx.Conv(..., conv_general_dilated=conv_general_dilated)``: the default policy
+conv_general_dilated = Convolution(DEFAULT)
 
 
 def xla_conv(x: jax.Array, w: jax.Array, padding: Padding, precision=None) -> jax.Array:
@@ -122,9 +133,9 @@ def _split(part: Callable, reduce: str) -> Callable:
     summed for a kernel gradient (a sum over the batch)."""
     def split_part(a, b, layer):
         if reduce == "sum":
-            outs = [part(a[lo:hi], b[lo:hi], layer) for lo, hi in slice_bounds(a.shape[0], dispatch.cores())]
+            outs = [part(a[lo:hi], b[lo:hi], layer) for lo, hi in slice_bounds(a.shape[0], cores())]
             return functools.reduce(jnp.add, outs)
-        return split_batch(lambda piece: part(piece, b, layer), a, dispatch.cores())
+        return split_batch(lambda piece: part(piece, b, layer), a, cores())
     return split_part
 
 
@@ -139,33 +150,35 @@ INPUT_GRAD: dict[str, Callable] = {"cpp": input_grad_cpp, "xla": input_grad_xla,
 PARTS = {"forward": FORWARD, "kernel_grad": KERNEL_GRAD, "input_grad": INPUT_GRAD}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d(x: jax.Array, w: jax.Array, layer: "dispatch.ConvLayer") -> jax.Array:
-    """Stride-1 convolution of an NHWC batch with an HWIO kernel, each part of it (forward,
-    kernel gradient, input gradient) by the implementation dispatch chose for ``layer``.
-
-    The choice for the gradients is looked up when the backward pass is traced, so a forward-only
-    use (evaluation) never measures them. Parts are independent: any forward can pair with any
-    gradient, and each computes the same mathematical operation.
-    """
-    return FORWARD[dispatch.choose(layer, "forward", FORWARD)](x, w, layer)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, w: jax.Array, layer: ConvLayer, choice: tuple[str, str, str]) -> jax.Array:
+    """Stride-1 convolution of an NHWC batch with an HWIO kernel, each part of it by the
+    implementation named in ``choice`` (forward, kernel gradient, input gradient: see
+    :data:`PARTS`). Parts are independent: any forward pairs with any gradient, and each computes
+    the same mathematical operation."""
+    return FORWARD[choice[0]](x, w, layer)
 
 
-def _conv2d_fwd(x, w, layer):
+def _conv2d_fwd(x, w, layer, choice):
     """With symbolic zeros: a network's first convolution, whose input is data, is not asked for
-    an input gradient, and then none is chosen (nor measured) or computed."""
-    y = conv2d(x.value, w.value, layer)
+    an input gradient, and then none is computed."""
+    y = conv2d(x.value, w.value, layer, choice)
     return y, (x.value, w.value if x.perturbed else None, w.perturbed)
 
 
-def _conv2d_bwd(layer, residuals, g):
+def _conv2d_bwd(layer, choice, residuals, g):
     x, w, w_perturbed = residuals
-    grad_x = None if w is None else INPUT_GRAD[dispatch.choose(layer, "input_grad", INPUT_GRAD)](g, w, layer)
-    grad_w = KERNEL_GRAD[dispatch.choose(layer, "kernel_grad", KERNEL_GRAD)](x, g, layer) if w_perturbed else None
+    grad_x = None if w is None else INPUT_GRAD[choice[2]](g, w, layer)
+    grad_w = KERNEL_GRAD[choice[1]](x, g, layer) if w_perturbed else None
     return grad_x, grad_w
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd, symbolic_zeros=True)
+
+
+def cores() -> int:
+    """Cores this process may run on (the "-split" implementations cut one batch slice per core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -252,19 +265,21 @@ def kernel_grad_by_rows(x: jax.Array, g: jax.Array, kernel_shape, padding, preci
     return jnp.stack(rows).reshape(kh, kw, c, o)
 
 
-def max_pool(x: jax.Array, k: int) -> jax.Array:
+def max_pool(x: jax.Array, k: int, policy: ConvPolicy = DEFAULT) -> jax.Array:
     """``F.max_pool2d(x, k)`` (stride k, floor mode) on an NHWC batch.
 
     The gradient of each window goes to its *first* maximum in row-major window order --
     PyTorch's rule on ties (plain autodiff of a max would split it between tied elements). On
-    CPU the implementation is the one :mod:`flaxcnn.models.dispatch` measured fastest for this
-    shape (see :data:`POOLS`); on other platforms XLA's taps (chosen at lowering, as for
-    convolutions).
+    CPU, in float32, the implementation is the one ``policy`` names for this shape (see
+    :data:`POOLS`); elsewhere XLA's taps (chosen at lowering, as for convolutions).
     """
-    pool = dispatch.pool_layer(x.shape, k, x.dtype)
-    if pool is None:
+    if x.ndim != 4 or jnp.dtype(x.dtype) != jnp.float32:
         return _taps_pool(_crop(x, k), k)
-    return lax.platform_dependent(x, cpu=lambda a: pool2d(a, pool), default=lambda a: _taps_pool(_crop(a, k), k))
+    n, h, w, c = (int(v) for v in x.shape)
+    pool = PoolLayer(n, h, w, c, int(k), policy.kernel_isa())
+    choice = tuple(policy.choose(pool, part, POOLS) for part in ("pool_forward", "pool"))
+    return lax.platform_dependent(x, cpu=lambda a: pool2d(a, pool, choice),
+                                  default=lambda a: _taps_pool(_crop(a, k), k))
 
 
 def _crop(x: jax.Array, k: int) -> jax.Array:
@@ -357,22 +372,22 @@ POOLS: dict[str, PoolImpl] = {
 }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def pool2d(x: jax.Array, pool: "dispatch.PoolLayer") -> jax.Array:
-    """The max-pool by the implementation dispatch chose: for a forward pass alone (this body
-    runs only when nothing differentiates it: evaluation) the fastest forward pass; under
-    differentiation (:func:`_pool2d_fwd`) the fastest forward-and-backward pair."""
-    return POOLS[dispatch.choose(pool, "pool_forward", POOLS)].forward(x, pool)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def pool2d(x: jax.Array, pool: PoolLayer, choice: tuple[str, str]) -> jax.Array:
+    """The max-pool by the implementations named in ``choice``: for a forward pass alone (this
+    body runs only when nothing differentiates it: evaluation) ``choice[0]``; under
+    differentiation (:func:`_pool2d_fwd`) the forward-and-backward pair ``choice[1]``."""
+    return POOLS[choice[0]].forward(x, pool)
 
 
-def _pool2d_fwd(x, pool):
-    y, first = POOLS[dispatch.choose(pool, "pool", POOLS)].train_forward(x, pool)
+def _pool2d_fwd(x, pool, choice):
+    y, first = POOLS[choice[1]].train_forward(x, pool)
     return y, (first, x.shape)
 
 
-def _pool2d_bwd(pool, residuals, g):
+def _pool2d_bwd(pool, choice, residuals, g):
     first, shape = residuals
-    return (POOLS[dispatch.choose(pool, "pool", POOLS)].backward(first, g, pool, shape),)
+    return (POOLS[choice[1]].backward(first, g, pool, shape),)
 
 
 pool2d.defvjp(_pool2d_fwd, _pool2d_bwd)

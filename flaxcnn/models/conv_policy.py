@@ -1,0 +1,232 @@
+"""Which implementation runs each CPU convolution and max-pool: one explicit, immutable value.
+
+A :class:`ConvPolicy` is a rule, not a measurement. Its default:
+
+* on CPU, in float32, flaxcnn's C++ kernels (:mod:`flaxcnn.kernels`) for every part of a
+  convolution's training step (forward, kernel gradient, input gradient) and every max-pool
+  they have a kernel for;
+* XLA's own convolution and max-pool everywhere else: other dtypes (float64 proofs, bfloat16),
+  the parts the kernels have no code for (channel counts outside ``kernels.CHANNELS``), strided,
+  dilated or grouped convolutions, and every other platform (GPU, TPU: chosen at lowering by
+  ``lax.platform_dependent``, so a CPU policy never reaches a GPU).
+
+Why a rule: the kernels beat XLA's convolutions on every lab network and CPU kind measured so
+far (1.28-2.41x the XLA-only path on a Zen 3 AVX2 EPYC, 2026-12-05), and the per-layer timing
+that used to choose between them at trace time was within run-to-run noise of "kernels
+wherever they apply" on every lab network (0.956-1.111x with the AVX-512 kernels, 0.961-1.068x
+with the AVX2 ones, every interval containing 1.0).
+
+Where a machine is better served otherwise, ``flaxcnn tune`` measures the candidates offline and
+writes a policy file (:func:`load`): per-layer overrides of the rule, keyed by the layer's shape
+and used with ``--conv-policy FILE``. The policy travels explicitly: a run's config builds it,
+:func:`apply` writes it into every layer of a model (a static attribute, so it is part of the
+traced program and of the jit cache key), and the run records :meth:`ConvPolicy.describe` in its
+``config.json`` and ``summary.json``. Nothing here is process state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxcnn import kernels
+from flaxcnn.errors import ConfigError
+
+#: the parts of a convolution's training step, and of a max-pool (forward alone / train pass)
+CONV_PARTS = ("forward", "kernel_grad", "input_grad")
+POOL_PARTS = ("pool_forward", "pool")
+FILE_FORMAT = "flaxcnn-conv-policy/1"
+#: the implementation the rule picks where the C++ kernels do not apply
+XLA = "xla"
+CPP = "cpp"
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One stride-1 NHWC/HWIO float32 convolution on CPU, as a policy sees it."""
+
+    n: int
+    h: int
+    w: int
+    kernel_shape: tuple[int, int, int, int]  # HWIO
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    precision: Any
+    isa: str | None  # the C++ kernel variant to call, None when the kernels are not used
+
+    def input_shape_for(self, n: int) -> tuple[int, int, int, int]:
+        return (n, self.h, self.w, self.kernel_shape[2])
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (t, b), (l, r) = self.padding
+        return self.h + t + b - self.kernel_shape[0] + 1, self.w + l + r - self.kernel_shape[1] + 1
+
+    def key(self) -> str:
+        """The layer's shape without its batch: what a tuned policy's override is keyed by."""
+        kh, kw, c, o = self.kernel_shape
+        (t, b), (l, r) = self.padding
+        return f"conv {c}->{o} {kh}x{kw} pad {t},{b},{l},{r} on {self.h}x{self.w}"
+
+    def has_kernel(self, part: str) -> bool:
+        return self.isa is not None and kernels.supports_conv(self.kernel_shape[2], self.kernel_shape[3],
+                                                              jnp.float32)[part]
+
+
+@dataclass(frozen=True)
+class PoolLayer:
+    """One k x k, stride-k, floor-mode float32 max-pool on CPU, as a policy sees it."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    k: int
+    isa: str | None
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.h, self.w, self.c)
+
+    def key(self) -> str:
+        return f"max_pool {self.k}x{self.k} on {self.h}x{self.w}x{self.c}"
+
+    def has_kernel(self, part: str) -> bool:
+        return self.isa is not None
+
+
+@dataclass(frozen=True)
+class ConvPolicy:
+    """Which implementation runs each CPU convolution part and max-pool.
+
+    ``kernels``: use flaxcnn's C++ kernels where they apply (the rule; False: XLA only).
+    ``isa``: the kernel variant, None for the best this CPU runs (``kernels.selected_isa()``,
+    which ``$FLAXCNN_KERNEL_ISA`` can force, e.g. to run the AVX2 code on an AVX-512 CPU).
+    ``overrides``: ``((layer key, part, implementation), ...)`` from ``flaxcnn tune``, each
+    replacing the rule for one layer shape and part. ``source``: where the policy came from
+    (``default``, ``xla``, or the tuned file), for run records.
+    """
+
+    kernels: bool = True
+    isa: str | None = None
+    overrides: tuple[tuple[str, str, str], ...] = ()
+    source: str = "default"
+
+    def kernel_isa(self) -> str | None:
+        """The variant whose kernels this policy calls; None when it calls none (XLA only, or
+        the kernels cannot be built here: no C++ compiler)."""
+        if not self.kernels:
+            return None
+        isa = self.isa or kernels.selected_isa()
+        return isa if kernels.available(isa) else None
+
+    def choose(self, layer: ConvLayer | PoolLayer, part: str, candidates: Iterable[str]) -> str:
+        """The implementation of ``part`` for ``layer`` among ``candidates`` (the names ops knows):
+        an override for this layer shape and part, else the C++ kernel where it has the part,
+        else XLA's."""
+        names = list(candidates)
+        for key, over_part, impl in self.overrides:
+            if key == layer.key() and over_part == part:
+                if impl not in names or (impl == CPP and not layer.has_kernel(part)):
+                    raise ConfigError(f"conv policy {self.source}: {impl!r} cannot run {part} of {key} "
+                                      f"here (accepted: {', '.join(n for n in names if n != CPP or layer.has_kernel(part))})")
+                return impl
+        return CPP if layer.has_kernel(part) and CPP in names else XLA
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records: the rule, the kernel variant it calls, and any overrides."""
+        try:
+            isa = self.kernel_isa()
+        except kernels.KernelConfigError as err:
+            isa = f"invalid ({err})"
+        return {"source": self.source, "rule": "C++ kernels where they apply, XLA elsewhere" if self.kernels
+                else "XLA only", "kernel_isa": isa,
+                "overrides": [{"layer": k, "part": p, "impl": i} for k, p, i in self.overrides]}
+
+
+DEFAULT = ConvPolicy()
+XLA_ONLY = ConvPolicy(kernels=False, source="xla")
+
+
+def apply(model: nnx.Module, policy: ConvPolicy) -> nnx.Module:
+    """Writes ``policy`` into every layer of ``model`` that holds one (in place; returns it).
+
+    Layers built on :mod:`flaxcnn.models.ops` hold their policy as a static attribute:
+    ``conv_policy`` on pools and on :class:`flaxcnn.models.nn.Conv2d` (whose convolution is an
+    :class:`flaxcnn.models.ops.Convolution` of that policy)."""
+    from flaxcnn.models import ops
+
+    for _, module in model.iter_modules():
+        if isinstance(getattr(module, "conv_policy", None), ConvPolicy):
+            module.conv_policy = policy
+        if isinstance(getattr(module, "conv_general_dilated", None), ops.Convolution):
+            module.conv_general_dilated = ops.Convolution(policy)
+    return model
+
+
+def of(model: nnx.Module) -> ConvPolicy | None:
+    """The policy the model's layers hold (None when none holds one); a mixed model is refused."""
+    found = {m.conv_policy for _, m in model.iter_modules() if isinstance(getattr(m, "conv_policy", None), ConvPolicy)}
+    if len(found) > 1:
+        raise ConfigError(f"the model's layers hold {len(found)} different conv policies; apply one with conv_policy.apply")
+    return found.pop() if found else None
+
+
+def from_setting(setting: str | os.PathLike | None) -> ConvPolicy:
+    """``default`` (or None), ``xla``, or the path of a ``flaxcnn tune`` policy file."""
+    if setting is None or str(setting) == "default":
+        return DEFAULT
+    if str(setting) == "xla":
+        return XLA_ONLY
+    return load(setting)
+
+
+def load(path: str | os.PathLike) -> ConvPolicy:
+    """A policy file written by ``flaxcnn tune`` (see :func:`save`), checked against this CPU."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"conv policy file {path} cannot be read ({err.strerror}); accepted: default, xla, "
+                          "or a file written by `flaxcnn tune`") from None
+    except ValueError as err:
+        raise ConfigError(f"conv policy file {path} is not JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+        raise ConfigError(f"{path} is not a flaxcnn conv policy (expected \"format\": {FILE_FORMAT!r}; "
+                          "write one with `flaxcnn tune`)")
+    isa = data.get("kernel_isa")
+    here = kernels.runnable_isas()
+    if isa is not None and isa not in here:
+        raise ConfigError(f"{path} was tuned for the {isa} kernels, which this CPU cannot run (it runs "
+                          f"{', '.join(here)}); run `flaxcnn tune` on this machine")
+    overrides = []
+    for i, rule in enumerate(data.get("overrides", [])):
+        try:
+            layer, part, impl = str(rule["layer"]), str(rule["part"]), str(rule["impl"])
+        except (TypeError, KeyError):
+            raise ConfigError(f"{path}: override {i} needs \"layer\", \"part\" and \"impl\", got {rule!r}") from None
+        if part not in CONV_PARTS + POOL_PARTS:
+            raise ConfigError(f"{path}: override {i} has part {part!r}; accepted: {', '.join(CONV_PARTS + POOL_PARTS)}")
+        overrides.append((layer, part, impl))
+    return ConvPolicy(kernels=bool(data.get("kernels", True)), isa=isa, overrides=tuple(overrides), source=str(path))
+
+
+def save(policy: ConvPolicy, path: str | os.PathLike, **extra: Any) -> Path:
+    """Writes ``policy`` as a policy file (``extra``: what tune measured, kept for the reader)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"format": FILE_FORMAT, "kernels": policy.kernels, "kernel_isa": policy.kernel_isa(),
+            "overrides": [{"layer": k, "part": p, "impl": i} for k, p, i in policy.overrides], **extra}
+    path.write_text(json.dumps(body, indent=1) + "\n")
+    return path
+
+
+def replace(policy: ConvPolicy, **changes: Any) -> ConvPolicy:
+    return dataclasses.replace(policy, **changes)

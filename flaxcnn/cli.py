@@ -208,6 +208,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from flaxcnn.models.registry import MODELS
+    from flaxcnn.tune import resolve_models, tune
+
+    names = args.models or list(MODELS)
+    print(f"timing every CPU implementation of each layer of {', '.join(names)} at batch {args.batch_size}")
+    result = tune(resolve_models(names, args.batch_size, args.input_shape), args.out)
+    kept = len(result["policy"].overrides)
+    print(f"wrote {args.out}: {kept} override(s) of the default rule; train with --conv-policy {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flaxcnn", description="The CIFAR-2 and speech CNN labs in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,12 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer-by-layer report naming the first layer that diverges")
     p.set_defaults(func=cmd_parity)
 
+    p = sub.add_parser("tune", help="time each CPU convolution's implementations here and write a conv policy file")
+    p.add_argument("models", nargs="*", help="registered models or FILE.py:NAME (default: every registered model)")
+    p.add_argument("--input-shape", type=_number_list(int, "--input-shape"),
+                   help="C,H,W of a FILE.py:NAME model that declares no input_chw")
+    p.add_argument("--batch-size", type=int, default=64, help="the training batch to time (default 64)")
+    p.add_argument("--out", required=True, help="the policy file to write (use it with --conv-policy FILE)")
+    p.set_defaults(func=cmd_tune)
+
     sub.add_parser("presets", help="list the named lab runs").set_defaults(func=cmd_presets)
     sub.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from flaxcnn import cpu_memory
+
+    cpu_memory.keep_freed_memory()  # process-wide, before JAX starts its threads (see flaxcnn.cpu_memory)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -17,10 +17,12 @@ system. The value is not tuned to a machine: it only has to exceed the buffers o
 for these networks are tens of MB at batch 64 and scale with the batch.
 
 Only on glibc (Linux); elsewhere (macOS, musl) nothing changes. ``FLAXCNN_KEEP_FREED_MEMORY=0``
-turns it off. The setting is process-wide. ``import flaxcnn`` applies it (:func:`keep_freed_memory`,
-once), before JAX starts its runtime threads: a thread's malloc arena is fixed at its first
-allocation, and with one arena (:data:`ARENAS`) those threads' buffers come from the main heap too.
-The CPU dispatch (:mod:`flaxcnn.models.dispatch`) records the outcome with its choices.
+turns it off. The setting is process-wide by nature, so the library never applies it on import:
+the entry points that train (``flaxcnn`` commands, the benchmarks) call :func:`keep_freed_memory`
+first thing, and a script of one's own does the same, before JAX starts its runtime threads
+(before the first array is made): a thread's malloc arena is fixed at its first allocation, and
+with one arena (:data:`ARENAS`) those threads' buffers come from the main heap too. Calling it
+again changes nothing (the same thresholds are set again).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import threading
 
 ENV = "FLAXCNN_KEEP_FREED_MEMORY"
 #: allocations below this size are served from (and freed back to) the heap
@@ -38,23 +39,11 @@ KEEP_BELOW_BYTES = 1 << 30
 ARENAS = 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h> parameter numbers
 
-_lock = threading.Lock()
-_state: str | None = None  # "kept", "off (...)" or "unavailable (...)", once decided
-
-
 def keep_freed_memory() -> str:
-    """Applies the setting (once per process) and returns what happened: ``"kept"``,
-    ``"off (FLAXCNN_KEEP_FREED_MEMORY=0)"`` or ``"unavailable (<why>)"``."""
-    global _state
-    with _lock:
-        if _state is None:
-            _state = _apply()
-        return _state
-
-
-def state() -> str:
-    """What :func:`keep_freed_memory` did in this process, ``"not applied"`` before it ran."""
-    return _state or "not applied"
+    """Applies the setting and returns what happened: ``"kept"``,
+    ``"off (FLAXCNN_KEEP_FREED_MEMORY=0)"`` or ``"unavailable (<why>)"``. Call it before JAX
+    starts (see the module docstring)."""
+    return _apply()
 
 
 def _apply() -> str:

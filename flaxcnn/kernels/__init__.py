@@ -3,9 +3,8 @@ CPU at hand and called from XLA through ``jax.ffi``.
 
 Why: on CPU, XLA runs each convolution as one YNNPACK call on one thread, and the lab networks'
 shapes (3-64 channels, 3x3 or 10x10 kernels, many positions) are where those kernels are
-weakest. Whether these kernels actually win on a given machine is not assumed:
-:mod:`flaxcnn.models.dispatch` times them against XLA's formulations for every layer shape and
-keeps the faster one.
+weakest. :mod:`flaxcnn.models.conv_policy` runs them wherever they apply (its default rule) and
+``flaxcnn tune`` measures them against XLA's formulations on the machine at hand.
 
 ISA variants. The source is compiled for one of three targets, and its vector width and
 register blocking follow the target's vector registers (see ``Blocking`` in ``conv_cpu.cc``):
@@ -25,8 +24,9 @@ The variant is the best one the CPU runs, or ``FLAXCNN_KERNEL_ISA=avx512|avx2|ge
 AVX-512 machine can so build, test and time the AVX2 code). Each variant is its own library in
 the cache folder (``$FLAXCNN_CACHE_DIR``, default ``~/.cache/flaxcnn``), keyed by the source,
 flags, JAX version and CPU, and registers its own FFI targets (``flaxcnn_conv_forward_avx2``,
-...), so one process can load several. Without a C++ compiler, or with ``FLAXCNN_FFI_CONV=0``,
-flaxcnn uses XLA's formulations and says so once.
+...), so one process can load several. Without a C++ compiler flaxcnn uses XLA's
+convolutions and says so once; ``--conv-policy xla`` (:data:`flaxcnn.models.conv_policy.XLA_ONLY`)
+never calls the kernels.
 """
 
 from __future__ import annotations
@@ -196,11 +196,6 @@ def build_only(isa: str, path: Path) -> None:
     build(path, isa)
 
 
-def enabled() -> bool:
-    """False when ``FLAXCNN_FFI_CONV=0`` switches the kernels off."""
-    return os.environ.get("FLAXCNN_FFI_CONV", "1") != "0"
-
-
 _builds: dict[str, concurrent.futures.Future] = {}
 _builds_lock = threading.Lock()
 
@@ -220,9 +215,7 @@ def _ensure_built(isa: str) -> Path:
 def start_build(isa: str | None = None) -> None:
     """Starts building a variant (default: the selected one) in a background thread, if it is not
     built yet, so that the compiler runs while the caller loads data and builds the model; the
-    first use of the kernels waits for it. Nothing happens when the kernels are switched off."""
-    if not enabled():
-        return
+    first use of the kernels waits for it."""
     try:
         isa = isa or selected_isa()
     except KernelConfigError:
@@ -256,10 +249,8 @@ def load(isa: str) -> bool:
 
 
 def available(isa: str | None = None) -> bool:
-    """Whether the kernels (of ``isa``, default the selected variant) can be used: switched on,
-    built and registered (building them on first call)."""
-    if not enabled():
-        return False
+    """Whether the kernels (of ``isa``, default the selected variant) can be used: built and
+    registered (building them on first call)."""
     return load(isa or selected_isa())
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 from flaxcnn.models.layers import (
     BatchNorm2d, Dropout, Dropout2d, check_init, check_input, conv2d, linear, nchw_to_nhwc,
 )
+from flaxcnn.models.conv_policy import DEFAULT
 from flaxcnn.models.ops import max_pool
 
 CIFAR_CHW = (3, 32, 32)
@@ -29,6 +30,7 @@ class Net(nnx.Module):
 
     def __init__(self, num_classes: int = 2, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.conv1 = conv2d(3, 16, 3, 1, init=init, rngs=rngs)
         self.conv2 = conv2d(16, 8, 3, 1, init=init, rngs=rngs)
         self.fc1 = linear(8 * 8 * 8, 32, init=init, rngs=rngs)
@@ -37,8 +39,8 @@ class Net(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = nchw_to_nhwc(check_input(x, CIFAR_CHW, "Net"))
-        out = max_pool(jnp.tanh(self.conv1(out)), 2)
-        out = max_pool(jnp.tanh(self.conv2(out)), 2)
+        out = max_pool(jnp.tanh(self.conv1(out)), 2, self.conv_policy)
+        out = max_pool(jnp.tanh(self.conv2(out)), 2, self.conv_policy)
         out = _flatten(out)
         out = jnp.tanh(self.fc1(out))
         return self.fc2(out)
@@ -49,6 +51,7 @@ class NetWidth(nnx.Module):
 
     def __init__(self, n_chans1: int = 32, num_classes: int = 2, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.n_chans1 = n_chans1
         self.conv1 = conv2d(3, n_chans1, 3, 1, init=init, rngs=rngs)
         self.conv2 = conv2d(n_chans1, n_chans1 * 2, 3, 1, init=init, rngs=rngs)
@@ -58,8 +61,8 @@ class NetWidth(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = nchw_to_nhwc(check_input(x, CIFAR_CHW, "NetWidth"))
-        out = max_pool(jnp.tanh(self.conv1(out)), 2)
-        out = max_pool(jnp.tanh(self.conv2(out)), 2)
+        out = max_pool(jnp.tanh(self.conv1(out)), 2, self.conv_policy)
+        out = max_pool(jnp.tanh(self.conv2(out)), 2, self.conv_policy)
         out = _flatten(out)
         out = jnp.tanh(self.fc1(out))
         return self.fc2(out)
@@ -79,6 +82,7 @@ class NetDepth(nnx.Module):
 
     def __init__(self, n_chans1: int = 32, num_classes: int = 2, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.n_chans1 = n_chans1
         self.conv1 = conv2d(3, n_chans1, 3, 1, init=init, rngs=rngs)
         self.conv2 = conv2d(n_chans1, n_chans1, 3, 1, init=init, rngs=rngs)
@@ -89,9 +93,9 @@ class NetDepth(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = nchw_to_nhwc(check_input(x, CIFAR_CHW, "NetDepth"))
-        out = max_pool(jnp.tanh(self.conv1(out)), 2)
-        out = max_pool(jnp.tanh(self.conv2(out)), 2)
-        out = max_pool(jnp.tanh(self.conv3(out)), 2)
+        out = max_pool(jnp.tanh(self.conv1(out)), 2, self.conv_policy)
+        out = max_pool(jnp.tanh(self.conv2(out)), 2, self.conv_policy)
+        out = max_pool(jnp.tanh(self.conv3(out)), 2, self.conv_policy)
         out = _flatten(out)
         out = jnp.tanh(self.fc1(out))
         return self.fc2(out)
@@ -107,6 +111,7 @@ class NetDropout(nnx.Module):
 
     def __init__(self, n_chans1: int = 32, num_classes: int = 2, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.n_chans1 = n_chans1
         self.conv1 = conv2d(3, n_chans1, 3, 1, init=init, rngs=rngs)
         self.conv2 = conv2d(n_chans1, n_chans1, 3, 1, init=init, rngs=rngs)
@@ -117,9 +122,9 @@ class NetDropout(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = nchw_to_nhwc(check_input(x, CIFAR_CHW, "NetDropout"))
-        out = max_pool(jnp.tanh(self.conv1(out)), 2)
+        out = max_pool(jnp.tanh(self.conv1(out)), 2, self.conv_policy)
         out = self.dropout(out)
-        out = max_pool(jnp.tanh(self.conv2(out)), 2)
+        out = max_pool(jnp.tanh(self.conv2(out)), 2, self.conv_policy)
         out = _flatten(out)
         out = jnp.tanh(self.fc1(out))
         out = self.dropout(out)
@@ -131,6 +136,7 @@ class NetBatchNorm(nnx.Module):
 
     def __init__(self, n_chans1: int = 32, num_classes: int = 2, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.n_chans1 = n_chans1
         self.conv1 = conv2d(3, n_chans1, 3, 1, init=init, rngs=rngs)
         self.bn1 = BatchNorm2d(n_chans1)
@@ -143,8 +149,8 @@ class NetBatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = nchw_to_nhwc(check_input(x, CIFAR_CHW, "NetBatchNorm"))
-        out = max_pool(jnp.tanh(self.bn1(self.conv1(out))), 2)
-        out = max_pool(jnp.tanh(self.bn2(self.conv2(out))), 2)
+        out = max_pool(jnp.tanh(self.bn1(self.conv1(out))), 2, self.conv_policy)
+        out = max_pool(jnp.tanh(self.bn2(self.conv2(out))), 2, self.conv_policy)
         out = _flatten(out)
         out = jnp.tanh(self.fc1(out))
         out = self.dropout(out)

@@ -44,8 +44,7 @@ from flaxcnn.errors import ConfigError
 CONV_PARTS = ("forward", "kernel_grad", "input_grad")
 POOL_PARTS = ("pool_forward", "pool")
 FILE_FORMAT = "flaxcnn-conv-policy/1"
-#: the implementation the rule picks where the C++ kernels do not apply
-XLA = "xla"
+#: the name of flaxcnn's C++ kernel implementation in every table of flaxcnn.models.ops
 CPP = "cpp"
 
 
@@ -75,6 +74,9 @@ class ConvLayer:
         (t, b), (l, r) = self.padding
         return f"conv {c}->{o} {kh}x{kw} pad {t},{b},{l},{r} on {self.h}x{self.w}"
 
+    #: the rule's implementation where the C++ kernels do not apply: XLA's convolution
+    without_kernel = "xla"
+
     def has_kernel(self, part: str) -> bool:
         return self.isa is not None and kernels.supports_conv(self.kernel_shape[2], self.kernel_shape[3],
                                                               jnp.float32)[part]
@@ -97,6 +99,10 @@ class PoolLayer:
 
     def key(self) -> str:
         return f"max_pool {self.k}x{self.k} on {self.h}x{self.w}x{self.c}"
+
+    #: the rule's implementation where the C++ kernels do not apply: the XLA formulation that
+    #: works on every platform (strided taps and one comparison chain, see flaxcnn.models.ops.POOLS)
+    without_kernel = "taps"
 
     def has_kernel(self, part: str) -> bool:
         return self.isa is not None
@@ -130,7 +136,7 @@ class ConvPolicy:
     def choose(self, layer: ConvLayer | PoolLayer, part: str, candidates: Iterable[str]) -> str:
         """The implementation of ``part`` for ``layer`` among ``candidates`` (the names ops knows):
         an override for this layer shape and part, else the C++ kernel where it has the part,
-        else XLA's."""
+        else the layer kind's XLA formulation."""
         names = list(candidates)
         for key, over_part, impl in self.overrides:
             if key == layer.key() and over_part == part:
@@ -138,7 +144,7 @@ class ConvPolicy:
                     raise ConfigError(f"conv policy {self.source}: {impl!r} cannot run {part} of {key} "
                                       f"here (accepted: {', '.join(n for n in names if n != CPP or layer.has_kernel(part))})")
                 return impl
-        return CPP if layer.has_kernel(part) and CPP in names else XLA
+        return CPP if layer.has_kernel(part) and CPP in names else layer.without_kernel
 
     def describe(self) -> dict[str, Any]:
         """What a run records: the rule, the kernel variant it calls, and any overrides."""
@@ -149,6 +155,50 @@ class ConvPolicy:
         return {"source": self.source, "rule": "C++ kernels where they apply, XLA elsewhere" if self.kernels
                 else "XLA only", "kernel_isa": isa,
                 "overrides": [{"layer": k, "part": p, "impl": i} for k, p, i in self.overrides]}
+
+
+@dataclass(frozen=True, eq=False)
+class _RecordingPolicy(ConvPolicy):
+    """A policy that also notes each choice it makes (for :func:`explain`; a local object)."""
+
+    record: list = dataclasses.field(default_factory=list)
+
+    def choose(self, layer, part, candidates):
+        choice = super().choose(layer, part, candidates)
+        self.record.append((layer, part, choice))
+        return choice
+
+
+def traced_layers(model: nnx.Module, input_shape: tuple[int, ...], policy: ConvPolicy | None = None
+                  ) -> list[tuple[ConvLayer | PoolLayer, str, str]]:
+    """``(layer, part, implementation)`` of every CPU convolution part and max-pool a training
+    step of ``model`` on inputs of ``input_shape`` runs under ``policy`` (default: the one its
+    layers hold), in call order. Traces the forward and backward pass of a copy of the model
+    abstractly (nothing is computed)."""
+    import jax
+
+    policy = policy or of(model) or DEFAULT
+    recorder = _RecordingPolicy(policy.kernels, policy.isa, policy.overrides, policy.source)
+    probe = apply(nnx.clone(model), recorder)
+    probe.train()
+    graph, params, rest = nnx.split(probe, nnx.Param, ...)
+
+    def loss(params, rest, x):
+        rest = jax.tree.map(lambda v: v, rest)  # fresh Variables inside the gradient trace (NNX's rule)
+        return jnp.sum(nnx.merge(graph, params, rest)(x))
+
+    jax.eval_shape(jax.grad(loss), params, rest, jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    return list(recorder.record)
+
+
+def explain(model: nnx.Module, input_shape: tuple[int, ...], policy: ConvPolicy | None = None
+            ) -> list[dict[str, str]]:
+    """Which implementation each CPU convolution part and max-pool of ``model`` runs (see
+    :func:`traced_layers`): ``[{"layer": key, "forward": impl, ...}, ...]``, one entry a shape."""
+    layers: dict[str, dict[str, str]] = {}
+    for layer, part, choice in traced_layers(model, input_shape, policy):
+        layers.setdefault(layer.key(), {"layer": layer.key()})[part] = choice
+    return list(layers.values())
 
 
 DEFAULT = ConvPolicy()

@@ -44,6 +44,7 @@ class Convolution:
     def __call__(self, lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
                  rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                  precision=None, **kwargs) -> jax.Array:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # nnx.Conv passes out_sharding=None
         if (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
                 and tuple(window_strides) == (1, 1) and jnp.dtype(lhs.dtype) == jnp.float32
                 and jnp.dtype(rhs.dtype) == jnp.float32 and not kwargs

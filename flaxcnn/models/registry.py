@@ -15,6 +15,8 @@ from flax import nnx
 
 from flaxcnn.errors import ConfigError
 from flaxcnn.models import cifar, speech
+from flaxcnn.models import conv_policy as conv_policy_module
+from flaxcnn.models.conv_policy import DEFAULT, ConvPolicy
 
 Loss = Literal["cross_entropy", "nll"]
 
@@ -30,12 +32,15 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
-    def build(self, num_classes: int | None = None, *, seed: int = 0, init: str = "torch") -> nnx.Module:
-        """A fresh model; ``num_classes`` None keeps the lab's default (2 for CIFAR, 35 for speech)."""
+    def build(self, num_classes: int | None = None, *, seed: int = 0, init: str = "torch",
+              conv_policy: ConvPolicy = DEFAULT) -> nnx.Module:
+        """A fresh model; ``num_classes`` None keeps the lab's default (2 for CIFAR, 35 for speech);
+        ``conv_policy``: which implementation runs each CPU convolution and pool."""
         kwargs = dict(self.kwargs)
         if num_classes is not None:
             kwargs["num_classes"] = int(num_classes)
-        return self.flax_class(**kwargs, init=init, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        model = self.flax_class(**kwargs, init=init, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        return conv_policy_module.apply(model, conv_policy) if conv_policy != DEFAULT else model
 
     def torch_class(self):
         """The PyTorch reference class (imports torch)."""

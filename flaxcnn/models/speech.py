@@ -15,6 +15,7 @@ from flax import nnx
 from flaxcnn.models.layers import (
     BatchNorm2d, Dropout, Dropout2d, check_init, check_input, conv2d, linear, nchw_to_nhwc,
 )
+from flaxcnn.models.conv_policy import DEFAULT
 from flaxcnn.models.ops import global_avg_pool, max_pool
 
 SPEECH_CHW = (1, 99, 26)
@@ -26,6 +27,7 @@ class ConvNet(nnx.Module):
 
     def __init__(self, num_classes: int = 35, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.conv1 = conv2d(1, 10, 10, 0, init=init, rngs=rngs)
         self.conv1_drop = Dropout2d(0.2, rngs=rngs)
         self.drop1 = Dropout(0.2, rngs=rngs)
@@ -36,7 +38,7 @@ class ConvNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nchw_to_nhwc(check_input(x, SPEECH_CHW, "ConvNet"))
         x = self.conv1(x)
-        x = jax.nn.relu(max_pool(x, 4))
+        x = jax.nn.relu(max_pool(x, 4, self.conv_policy))
         x = self.conv1_drop(x)
         x = x.reshape(x.shape[0], -1)
         x = self.fc1(x)
@@ -62,6 +64,7 @@ class SpeechNet(nnx.Module):
     def __init__(self, num_classes: int = 35, channels: tuple[int, ...] = (8, 16, 32, 64),
                  dropout: float = 0.3, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.num_blocks = len(channels)
         self.bn0 = BatchNorm2d(1)
         for i, (c_in, c_out) in enumerate(zip((1, *channels[:-1]), channels), start=1):
@@ -75,7 +78,7 @@ class SpeechNet(nnx.Module):
         for i in range(1, self.num_blocks + 1):
             x = jax.nn.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
             if i < self.num_blocks:  # the last block is averaged over all positions instead
-                x = max_pool(x, 2)
+                x = max_pool(x, 2, self.conv_policy)
         x = self.drop(global_avg_pool(x))
         return jax.nn.log_softmax(self.fc(x), axis=1)
 
@@ -99,6 +102,7 @@ class SpeechResNet(nnx.Module):
     def __init__(self, num_classes: int = 35, channels: tuple[int, ...] = (16, 32, 64), blocks: int = 1,
                  dropout: float = 0.3, *, init: str = "torch", rngs: nnx.Rngs):
         init = check_init(init)
+        self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.channels, self.blocks = tuple(channels), int(blocks)
         self.bn_in = BatchNorm2d(1)
         self.stem = conv2d(1, channels[0], 3, 1, init=init, rngs=rngs)
@@ -125,7 +129,7 @@ class SpeechResNet(nnx.Module):
         x = jax.nn.relu(self.stem_bn(self.stem(x)))
         for name, _ in self.block_names():
             if name.rsplit("b", 1)[1] == "1":  # first block of a stage
-                x = max_pool(x, 2)
+                x = max_pool(x, 2, self.conv_policy)
             layer = lambda suffix: getattr(self, f"{name}_{suffix}")  # noqa: E731
             out = jax.nn.relu(layer("bn1")(layer("conv1")(x)))
             out = layer("bn2")(layer("conv2")(out))

@@ -26,7 +26,6 @@ from flaxcnn.errors import ConfigError
 from flaxcnn.train.augment import AugmentSettings
 
 PATHS = ("auto", "step", "scan")
-CONV_IMPLS = ("auto", "kernels", "xla")  # flaxcnn.models.dispatch.MODES
 SCHEDULES = ("constant", "cosine")
 SPLITS = ("lab", "speaker", "official")
 INITS = ("torch", "flax")
@@ -147,9 +146,9 @@ class TrainConfig:
                             flag="--no-shuffle")
     path: str = setting("auto", "training loop path (auto: by the platform, see flaxcnn.train.steps)",
                         choices=PATHS)
-    conv_impl: str = setting("auto", "CPU convolutions and pools: auto (the fastest measured on this machine), "
-                                     "kernels (flaxcnn's C++ kernels wherever they apply), xla (XLA's "
-                                     "formulations only)", choices=CONV_IMPLS)
+    conv_policy: str = setting("default", "which implementation runs each CPU convolution and pool: default "
+                                          "(flaxcnn's C++ kernels where they apply, XLA elsewhere), xla (XLA "
+                                          "only), or a policy file written by `flaxcnn tune`")
     eval_batch_size: int = setting(1000, "evaluation batch size", flag=None, rule=at_least(1),
                                    label="eval batch size")
     checkpoint_every: int = setting(1, "save the latest checkpoint every N epochs", rule=at_least(1))

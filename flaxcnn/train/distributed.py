@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxcnn.models import dispatch
+from flaxcnn.models.conv_policy import XLA_ONLY, ConvPolicy
 from flaxcnn.errors import ConfigError, TrainingError
 from flaxcnn.train import runlog
 from flaxcnn.train.checkpoint import Checkpoints
@@ -228,11 +228,7 @@ class ShardedEpochRunner(EpochRunner):
 
     def __init__(self, train_step: Callable[[TrainState, jax.Array, jax.Array], TrainState], path: str,
                  placement: Placement):
-        def step_with_xla_convolutions(*args):  # see flaxcnn.models.dispatch.switched_off for why
-            with dispatch.switched_off():
-                return train_step(*args)
-
-        super().__init__(step_with_xla_convolutions, path, out_shardings=placement.replicated)
+        super().__init__(train_step, path, out_shardings=placement.replicated)
         self.placement = placement
         self._zero_metrics = jax.jit(lambda s: s.replace(metrics=jnp.zeros_like(s.metrics)),
                                      out_shardings=placement.replicated, donate_argnums=0)
@@ -254,6 +250,13 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
 
 
 SessionT = TypeVar("SessionT")  # a flaxcnn.train.loop.Session, which this module does not import
+
+
+def conv_policy_for(devices: int | None, policy: ConvPolicy) -> ConvPolicy:
+    """The policy a run over ``devices`` traces its model under: ``policy`` on one device, XLA's
+    own convolutions over a mesh (XLA's SPMD partitioner cannot split a custom call: it would
+    gather the whole batch onto every device; XLA's convolutions it splits over the devices)."""
+    return policy if placement_for(devices) is None else XLA_ONLY
 
 
 def data_parallel(session: SessionT) -> SessionT:

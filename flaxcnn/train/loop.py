@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from flaxcnn import kernels
 from flaxcnn.data import Dataset, SplitArrays, dataset_domain, load_dataset
 from flaxcnn.data.batching import epoch_permutation
 from flaxcnn.errors import ConfigError, TrainingError
-from flaxcnn.models import dispatch
+from flaxcnn.models import conv_policy
 from flaxcnn.models.registry import ModelSpec, get_model
 from flaxcnn.train import distributed
 from flaxcnn.train.augment import augmenter_for
@@ -73,6 +74,14 @@ class Session:
     evaluator: Evaluator
     device_arrays: dict[str, tuple[jax.Array, jax.Array]]
     members: tuple[TrainConfig, ...] = ()
+    conv_policy: conv_policy.ConvPolicy = conv_policy.DEFAULT  # what the model's layers run under
+
+    def cpu_implementations(self) -> dict[str, Any]:
+        """The conv policy and what it runs for each convolution and pool of this model (for the
+        run's config.json and summary.json)."""
+        model = nnx.merge(self.graphs.train, self.state.params, self.state.rest) if not self.members else None
+        layers = conv_policy.explain(model, (self.config.batch_size, *self.spec.input_chw)) if model else []
+        return {**self.conv_policy.describe(), "layers": layers}
 
     @property
     def val_split(self) -> str:
@@ -97,8 +106,9 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None,
 
     ``members``: train these K settings at once, stacked (they may differ in seed, learning rate
     and weight decay; ``config`` gives everything else, on one device)."""
-    if jax.default_backend() == "cpu" and config.conv_impl != "xla":
-        kernels.start_build()  # a first run compiles the C++ kernels while data and model load
+    policy = distributed.conv_policy_for(config.devices, conv_policy.from_setting(config.conv_policy))
+    if jax.default_backend() == "cpu" and policy.kernels:
+        kernels.start_build(policy.isa)  # a first run compiles the C++ kernels while data and model load
     domain = dataset_domain(config.dataset)
     config = config.resolved(domain)
     spec = get_model(config.model)
@@ -111,22 +121,21 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None,
     steps_per_epoch = -(-len(dataset.train) // config.batch_size)
     if members:
         tx = stackable_sgd(config.lr, config.momentum, config.weight_decay)  # each member's values are in its state
-        graphs, _, _ = split_model(spec.build(num_classes, seed=config.seed, init=config.init))
+        graphs, _, _ = split_model(spec.build(num_classes, seed=config.seed, init=config.init, conv_policy=policy))
         state = initial_states(spec, num_classes, members)
     else:
         tx = sgd(learning_rate(config.lr, config.schedule, config.epochs * steps_per_epoch), config.momentum,
                  config.weight_decay)
-        graphs, state = create_state(spec.build(num_classes, seed=config.seed, init=config.init), tx, config.seed)
-    dispatch.set_mode(config.conv_impl)  # CPU implementations of convolutions and pools, traced below
-    dispatch.reset_used()
+        graphs, state = create_state(spec.build(num_classes, seed=config.seed, init=config.init, conv_policy=policy),
+                                     tx, config.seed)
     train_step = make_train_step(graphs, spec.loss, tx, config.l2, augmenter_for(config.augment_settings()))
     splits = {"train": dataset.train, "test": dataset.test}
     if dataset.val is not None:
         splits["val"] = dataset.val
-    runner = EpochRunner(train_step, config.path, stacked=bool(members), planned_steps=config.epochs * steps_per_epoch)
+    runner = EpochRunner(train_step, config.path, stacked=bool(members))
     session = Session(config, spec, dataset, graphs, tx, state, runner,
                       Evaluator(graphs, spec.loss, config.eval_batch_size),
-                      {name: _to_device(split) for name, split in splits.items()}, members)
+                      {name: _to_device(split) for name, split in splits.items()}, members, policy)
     return distributed.data_parallel(session)  # unchanged on one device in one process
 
 
@@ -330,7 +339,7 @@ def fit(config: TrainConfig, *, resume: bool = False, quiet: bool = False, overw
         config = config.for_resume(TrainConfig.from_json(read_run_config(run_dir)["config"]))
     session = build_session(config, dataset)
     say(f"data: {session.dataset.source}; training on {distributed.describe(session.config.devices)}", quiet=quiet)
-    record = RunRecord.open(session.config, run_dir, session.dataset)
+    record = RunRecord.open(session.config, run_dir, session.dataset, cpu_implementations=session.cpu_implementations())
     state, start_epoch = session.state, 0
     if resume:
         start_epoch, state = record.resume(state, quiet=quiet)
@@ -371,7 +380,7 @@ def summarize(session: Session, state: TrainState, rows: list[dict], wall_second
         "train_size": len(session.dataset.train),
         "test_size": len(session.dataset.test),
         "data_source": session.dataset.source,
-        "cpu_implementations": dispatch.summary(),  # the setting, kernel variant and each layer's choice
+        "cpu_implementations": session.cpu_implementations(),  # the policy and each layer's implementation
     }
     if session.dataset.val is not None:
         val_eval = session.evaluate(state, "val")

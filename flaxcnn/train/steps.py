@@ -30,7 +30,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flaxcnn.train import step_choice
 from flaxcnn.train.optim import l2_penalty, per_example_loss
 from flaxcnn.train.state import Graphs, TrainState
 
@@ -124,13 +123,9 @@ class EpochRunner:
     ``stacked``: the state holds K models stacked along a leading axis and ``run`` takes K
     epoch orders, shape (K, n); the step is ``jax.vmap``-ed over the models, sharing the data."""
 
-    def __init__(self, train_step: Callable, path: str, *, stacked: bool = False, planned_steps: int | None = None,
-                 **jit_kwargs):
-        """``planned_steps``: the steps the run will take, when known (see
-        :mod:`flaxcnn.train.step_choice`); ``jit_kwargs`` (e.g. ``out_shardings``) go to every
-        ``jax.jit`` of the runner."""
+    def __init__(self, train_step: Callable, path: str, *, stacked: bool = False, **jit_kwargs):
+        """``jit_kwargs`` (e.g. ``out_shardings``) go to every ``jax.jit`` of the runner."""
         self.path = path
-        self.planned_steps = planned_steps
         self.stacked = stacked
         self.train_step = train_step
 
@@ -145,11 +140,7 @@ class EpochRunner:
 
             return jax.lax.scan(body, state, idx_batches)[0]
 
-        # the step path runs the fastest of the step's dispatch variants, chosen at its first call
-        # (flaxcnn.train.step_choice); until then, and on the scan path, the per-part choices
-        self._variants = step_choice.policy_variants(step, **jit_kwargs)
-        self._step = self._variants["measured"]
-        self._step_chosen = path != "step"
+        self._step = jax.jit(step, donate_argnums=0, **jit_kwargs)
         self._scan = jax.jit(scan_steps, donate_argnums=0, **jit_kwargs)
 
     def begin_epoch(self, state: TrainState) -> TrainState:
@@ -161,16 +152,6 @@ class EpochRunner:
         take it: here the NumPy array itself, which jit transfers more cheaply than a
         ``jnp.asarray`` per batch (+8% per step for Net on CPU)."""
         return np.asarray(idx, np.int32)
-
-    def choose_step(self, state: TrainState, x_all: jax.Array, y_all: jax.Array, idxs: Sequence) -> None:
-        """Picks the step variant to run, timing them on ``state`` and the index batches ``idxs``
-        (the run's next ones, of one shape) if not cached
-        (:func:`flaxcnn.train.step_choice.fastest`); once per runner."""
-        platforms = {d.platform for d in x_all.devices()} if isinstance(x_all, jax.Array) else {"cpu"}
-        platform = platforms.pop() if len(platforms) == 1 else "mixed"
-        self._step = step_choice.fastest(self._variants, state, [(x_all, y_all, idx) for idx in idxs], platform,
-                                         self.planned_steps)
-        self._step_chosen = True
 
     @property
     def step_fn(self) -> Callable:
@@ -193,9 +174,6 @@ class EpochRunner:
             if on_batch:
                 on_batch(done, state)
         for idx in index_batches(order, batch_size, start=done * batch_size):
-            if not self._step_chosen:  # timed on this epoch's next batches of this batch's shape
-                upcoming = itertools.islice(index_batches(order, batch_size, start=done * batch_size), step_choice.BURST)
-                self.choose_step(state, x_all, y_all, [self.indices(i) for i in upcoming if i.shape == idx.shape])
             state = self._step(state, x_all, y_all, self.indices(idx))
             done += 1
             if on_batch:

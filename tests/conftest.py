@@ -16,16 +16,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (set FLAXCNN_SHARED_DATA to run real-data checks)")
     return SHARED_DATA
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty dispatch choices file; the process forgets what it loaded and used."""
-    from flaxcnn.models import dispatch
-
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    dispatch.clear_memory()
-    dispatch.set_mode(None)
-    yield tmp_path
-    dispatch.set_mode(None)
-    dispatch.clear_memory()

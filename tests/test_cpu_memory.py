@@ -11,8 +11,9 @@ from flaxcnn import cpu_memory
 
 PROBE = r"""
 import json, resource
-import flaxcnn, jax, jax.numpy as jnp
 from flaxcnn import cpu_memory
+state = cpu_memory.keep_freed_memory()  # what a training entry point does first
+import jax, jax.numpy as jnp
 double = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((10_000_000,), jnp.float32)  # 40 MB in, 40 MB out per call
 for _ in range(15):  # the heap grows for the first few calls (buffers are freed asynchronously)
@@ -25,7 +26,7 @@ for _ in range(6):
     for _ in range(5):
         double(x).block_until_ready()
     windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-print(json.dumps({"state": cpu_memory.state(), "faults_per_call": min(windows), "windows": windows}))
+print(json.dumps({"state": state, "faults_per_call": min(windows), "windows": windows}))
 """
 
 
@@ -45,6 +46,22 @@ def test_kept_memory_is_not_faulted_again_and_the_setting_turns_it_off():
     # a 40 MB buffer is 9,766 pages of 4 KiB: without the setting each call faults them all in
     assert off["faults_per_call"] > 5_000, off
     assert kept["faults_per_call"] < 1_000, kept
+
+
+def test_importing_flaxcnn_changes_nothing():
+    code = ("import ctypes, flaxcnn, flaxcnn.models.registry, flaxcnn.train.loop\n"
+            "print(flaxcnn.__doc__ is not None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = run_probe_without_setting()
+    assert out["faults_per_call"] > 5_000, out  # nothing kept freed memory: the import applied nothing
+
+
+def run_probe_without_setting() -> dict:
+    probe = PROBE.replace("state = cpu_memory.keep_freed_memory()", "import flaxcnn.train.loop; state = 'not applied'")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_an_invalid_setting_is_refused_by_name(monkeypatch):

@@ -147,7 +147,7 @@ def equivalence_worker() -> dict:
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("dp") / "report.json"
-    # The sharded step always uses XLA's own convolutions (flaxcnn.models.dispatch.switched_off);
+    # The sharded step always uses XLA's own convolutions (distributed.conv_policy_for);
     # the child traces the one-device runner that way too, so that the comparison isolates the
     # sharding: with the C++ kernels or another XLA formulation on one device, NetBatchNorm's steps
     # differ by ~1e-5 (two convolution implementations' float32 rounding, amplified by the
@@ -293,7 +293,4 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_refused():
 if __name__ == "__main__":
     command, out_path = sys.argv[1:]
     if command == "equivalence":
-        from flaxcnn.models import dispatch
-
-        with dispatch.switched_off():  # XLA's own convolutions on one device as on four
-            Path(out_path).write_text(json.dumps(equivalence_worker()))
+        Path(out_path).write_text(json.dumps(equivalence_worker()))

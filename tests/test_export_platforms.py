@@ -40,15 +40,6 @@ ALLOW_KERNELS = [export.DisabledSafetyCheck.custom_call(f"{target}_{isa}") for t
                  for isa in kernels.ISAS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels_wherever_they_apply():
-    """``--conv-impl kernels``: on CPU every layer with a C++ kernel takes it (no timing decides),
-    so the cpu export must contain them and the cuda export must still have none."""
-    dispatch.set_mode("kernels")
-    yield
-    dispatch.set_mode(None)
-
-
 @functools.cache
 def session(model: str) -> Session:
     """The model's session from a tiny generated data set (two classes, 2 x BATCH samples)."""
@@ -103,7 +94,7 @@ def test_cuda_export_has_no_cpu_kernels_and_xla_convolutions(model):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_cpu_export_calls_the_kernels_when_available(model):
     if not kernels.available():
-        pytest.skip("flaxcnn's C++ kernels are not available here (no C++ compiler, or FLAXCNN_FFI_CONV=0)")
+        pytest.skip("flaxcnn's C++ kernels are not available here (no C++ compiler)")
     texts = exported_text(model, "cpu")
     for name in ("train step", "train scan"):
         assert {"flaxcnn_conv_forward", "flaxcnn_conv_kernel_grad"} <= flaxcnn_targets(texts[name]), (

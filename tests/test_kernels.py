@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from flaxcnn import kernels
-from flaxcnn.models import dispatch, ops
+from flaxcnn.models import ops
+from flaxcnn.models.conv_policy import DEFAULT, ConvLayer
 
 
 def _runnable_variants():
-    return [isa for isa in kernels.runnable_isas() if kernels.enabled() and kernels.available(isa)]
+    return [isa for isa in kernels.runnable_isas() if kernels.available(isa)]
 
 
 VARIANTS = _runnable_variants() if jax.default_backend() == "cpu" else []
@@ -31,7 +32,7 @@ def isa(request):
 
 
 def _layer(n, hw, c, o, k, padding, isa):
-    return dispatch.ConvLayer(n, hw[0], hw[1], (k, k, c, o), padding, None, isa)
+    return ConvLayer(n, hw[0], hw[1], (k, k, c, o), padding, None, isa)
 
 
 def _torch_conv(x, w, padding, grad_out):
@@ -214,26 +215,20 @@ def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
 def test_without_a_compiler_flaxcnn_warns_and_uses_xla(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    kernels.load.cache_clear()
-    dispatch.clear_memory()
+    kernels.load.cache_clear()  # a cache of built libraries: this test wants an empty one
     try:
         with pytest.warns(RuntimeWarning, match="using XLA's convolutions"):
             assert kernels.available() is False
+        assert DEFAULT.kernel_isa() is None
         x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
         out = ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
         ref = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
-        assert all(layer.get("forward") != "cpp" for layer in dispatch.used())
+        layer = ConvLayer(2, 8, 8, (3, 3, 3, 16), ((1, 1), (1, 1)), None, DEFAULT.kernel_isa())
+        assert DEFAULT.choose(layer, "forward", ops.FORWARD) == "xla"
     finally:
         kernels.load.cache_clear()
-        dispatch.clear_memory()
-
-
-def test_the_switch_turns_the_kernels_off(monkeypatch):
-    monkeypatch.setenv("FLAXCNN_FFI_CONV", "0")
-    assert kernels.available() is False
-    assert dispatch.mode() == "xla"
 
 
 def test_each_library_is_keyed_by_variant_source_flags_jax_version_and_cpu(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ import torch
 from jax import lax
 
 from flaxcnn import kernels
-from flaxcnn.models import dispatch, ops
+from flaxcnn.models import ops
+from flaxcnn.models.conv_policy import DEFAULT, ConvLayer, PoolLayer
 from flaxcnn.models.ops import band_width, banded_conv, kernel_grad_by_rows, max_pool, split_batch
 from tests.test_kernels import _torch_conv as _torch_conv_with_input_grad
 
@@ -38,7 +39,7 @@ def pool_impl(request):
 def _ours(x, k, weights, name):
     """Forward (alone, and with its first-maximum residual) and backward of one implementation."""
     impl = ops.POOLS[name]
-    pool = dispatch.PoolLayer(*x.shape, k, kernels.selected_isa() if name == "cpp" else None)
+    pool = PoolLayer(*x.shape, k, kernels.selected_isa() if name == "cpp" else None)
     y_alone = impl.forward(jnp.asarray(x), pool)
     y, first = impl.train_forward(jnp.asarray(x), pool)
     np.testing.assert_array_equal(np.asarray(y_alone), np.asarray(y))
@@ -153,7 +154,7 @@ def test_every_implementation_of_every_part_equals_torch(part, name, n, hw, c, o
     isa = kernels.selected_isa() if jax.default_backend() == "cpu" and kernels.available() else None
     if name == "cpp" and (isa is None or not kernels.supports_conv(c, o, jnp.float32)[part]):
         pytest.skip("no C++ kernel for this part here")
-    layer = dispatch.ConvLayer(n, *hw, (k, k, c, o), padding, None, isa)
+    layer = ConvLayer(n, *hw, (k, k, c, o), padding, None, isa)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((n, *hw, c)).astype(np.float32)
     w = (rng.standard_normal((k, k, c, o)) / k).astype(np.float32)
@@ -165,42 +166,28 @@ def test_every_implementation_of_every_part_equals_torch(part, name, n, hw, c, o
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-def test_a_dispatched_convolution_and_its_gradients_equal_torch(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    dispatch.clear_memory()
-    try:
-        rng = np.random.default_rng(6)
-        x = rng.standard_normal((8, 10, 10, 16)).astype(np.float32)
-        w = (rng.standard_normal((3, 3, 16, 8)) / 12).astype(np.float32)
-        g = rng.standard_normal((8, 10, 10, 8)).astype(np.float32)
-        dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
-        conv = lambda a, b: ops.conv_general_dilated(a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
-        out, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
-        dx, dw = vjp(jnp.asarray(g))
-        ref = _torch_conv_all(x, w, ((1, 1), (1, 1)), g)
-        for name, ours in (("forward", out), ("input_grad", dx), ("kernel_grad", dw)):
-            np.testing.assert_allclose(np.asarray(ours), ref[name], rtol=0, atol=1e-5 * np.abs(ref[name]).max())
-        (layer,) = dispatch.used()
-        assert set(layer) == {"layer", "forward", "input_grad", "kernel_grad"}
-    finally:
-        dispatch.clear_memory()
+def test_a_convolution_under_the_default_policy_and_its_gradients_equal_torch():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((8, 10, 10, 16)).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 16, 8)) / 12).astype(np.float32)
+    g = rng.standard_normal((8, 10, 10, 8)).astype(np.float32)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
+    conv = lambda a, b: ops.conv_general_dilated(a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    out, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    ref = _torch_conv_all(x, w, ((1, 1), (1, 1)), g)
+    for name, ours in (("forward", out), ("input_grad", dx), ("kernel_grad", dw)):
+        np.testing.assert_allclose(np.asarray(ours), ref[name], rtol=0, atol=1e-5 * np.abs(ref[name]).max())
 
 
-def test_a_dispatched_pool_equals_torch_in_training_and_evaluation(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    dispatch.clear_memory()
-    try:
-        x = np.random.default_rng(9).integers(0, 4, (4, 9, 8, 3)).astype(np.float32)  # ties, a cropped row
-        weights = np.random.default_rng(10).standard_normal((4, 4, 4, 3)).astype(np.float32)
-        y, vjp = jax.vjp(lambda a: max_pool(a, 2), jnp.asarray(x))
-        ref, ref_grad = _torch_pool_grad(x, 2, weights)
-        np.testing.assert_array_equal(np.asarray(y), ref)
-        np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(weights))[0]), ref_grad)
-        np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: max_pool(a, 2))(jnp.asarray(x))), ref)
-        (layer,) = dispatch.used()
-        assert set(layer) == {"layer", "pool", "pool_forward"}  # training pair and forward alone
-    finally:
-        dispatch.clear_memory()
+def test_a_pool_under_the_default_policy_equals_torch_in_training_and_evaluation():
+    x = np.random.default_rng(9).integers(0, 4, (4, 9, 8, 3)).astype(np.float32)  # ties, a cropped row
+    weights = np.random.default_rng(10).standard_normal((4, 4, 4, 3)).astype(np.float32)
+    y, vjp = jax.vjp(lambda a: max_pool(a, 2, DEFAULT), jnp.asarray(x))
+    ref, ref_grad = _torch_pool_grad(x, 2, weights)
+    np.testing.assert_array_equal(np.asarray(y), ref)
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(weights))[0]), ref_grad)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: max_pool(a, 2, DEFAULT))(jnp.asarray(x))), ref)
 
 
 @pytest.mark.parametrize("hw, c, o, k, pad", [((16, 16), 32, 64, 3, 1), ((9, 7), 3, 5, 3, 0)])

@@ -211,19 +211,18 @@ def apply(model: nnx.Module, policy: ConvPolicy) -> nnx.Module:
     Layers built on :mod:`flaxcnn.models.ops` hold their policy as a static attribute:
     ``conv_policy`` on pools and on :class:`flaxcnn.models.nn.Conv2d` (whose convolution is an
     :class:`flaxcnn.models.ops.Convolution` of that policy)."""
-    from flaxcnn.models import ops
-
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(getattr(module, "conv_policy", None), ConvPolicy):
             module.conv_policy = policy
-        if isinstance(getattr(module, "conv_general_dilated", None), ops.Convolution):
-            module.conv_general_dilated = ops.Convolution(policy)
+        convolution = getattr(module, "conv_general_dilated", None)
+        if isinstance(getattr(convolution, "policy", None), ConvPolicy):  # an ops.Convolution
+            module.conv_general_dilated = dataclasses.replace(convolution, policy=policy)
     return model
 
 
 def of(model: nnx.Module) -> ConvPolicy | None:
     """The policy the model's layers hold (None when none holds one); a mixed model is refused."""
-    found = {m.conv_policy for _, m in model.iter_modules() if isinstance(getattr(m, "conv_policy", None), ConvPolicy)}
+    found = {m.conv_policy for _, m in nnx.iter_modules(model) if isinstance(getattr(m, "conv_policy", None), ConvPolicy)}
     if len(found) > 1:
         raise ConfigError(f"the model's layers hold {len(found)} different conv policies; apply one with conv_policy.apply")
     return found.pop() if found else None

@@ -68,10 +68,17 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def get_model(name: str) -> ModelSpec:
+    """The registered model ``name``, or the model class of a file for ``FILE.py:NAME``
+    (:class:`flaxcnn.models.from_file.FileModelSpec`)."""
+    from flaxcnn.models import from_file
+
+    if from_file.is_file_spec(name):
+        return from_file.file_spec(name)
     try:
         return MODELS[name]
     except KeyError:
-        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or FILE.py:NAME "
+                          "(a ported or hand-written NNX class)") from None
 
 
 _CIFAR = cifar.CIFAR_CHW

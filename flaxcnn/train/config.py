@@ -213,7 +213,7 @@ class TrainConfig:
 
         domain = _domain(self.dataset)
         spec = get_model(self.model if self.model is not None else lab_default("model", domain))
-        if spec.domain != domain:
+        if spec.domain is not None and spec.domain != domain:  # a model from a file: checked against the data
             fitting = ", ".join(n for n, s in MODELS.items() if s.domain == domain)
             raise ConfigError(f"model {spec.name!r} is a {spec.domain} model and cannot train on "
                               f"{self.dataset!r}; {domain} models: {fitting}")

@@ -118,6 +118,8 @@ def build_session(config: TrainConfig, dataset: Dataset | None = None,
     config = dataclasses.replace(config, path=default_path() if config.path == "auto" else config.path)
     members = tuple(dataclasses.replace(m.resolved(domain), path=config.path) for m in members)
     num_classes = config.num_classes or dataset.num_classes
+    if hasattr(spec, "check_fits"):  # a model from a file (flaxcnn.models.from_file)
+        spec.check_fits(dataset.train.x.shape[1:], num_classes)
     steps_per_epoch = -(-len(dataset.train) // config.batch_size)
     if members:
         tx = stackable_sgd(config.lr, config.momentum, config.weight_decay)  # each member's values are in its state

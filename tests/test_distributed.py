@@ -132,7 +132,8 @@ def equivalence_worker() -> dict:
                 steps += 1
         row.update(steps=steps, per_step=per_step, params=_max_diff(a.params, b.params),
                    batch_stats=_max_diff(_float_state(a)[1], _float_state(b)[1]),
-                   sums=[np.asarray(a.metrics).tolist(), np.asarray(b.metrics).tolist()])
+                   sums=[[float(v) for v in a.metrics.to_host().values()],
+                         [float(v) for v in b.metrics.to_host().values()]])
         report[model] = row
     try:
         build_session(TrainConfig(batch_size=30, epochs=1, devices=4), dataset)

@@ -59,7 +59,7 @@ def _compare(name, *, steps, batch, lr=1e-2, momentum=0.0, weight_decay=0.0, l2=
     trained = convert.to_numpy_state_dict(to_model(graphs, state))
     diffs = {k: float(np.max(np.abs(trained[k] - v.numpy()))) for k, v in tmodel.state_dict().items()
              if v.dtype.is_floating_point}
-    return diffs, lab_sum, float(state.metrics[0])
+    return diffs, lab_sum, float(state.metrics.objective)
 
 
 @pytest.mark.parametrize("kwargs", [

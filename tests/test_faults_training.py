@@ -146,7 +146,7 @@ def poison_epoch(monkeypatch, at: int, fault: str) -> None:
         state, sums, seconds = real(session, state, epoch, progress)
         if epoch == at:
             state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
-            sums = sums * np.nan
+            sums = {name: value * np.nan for name, value in sums.items()}
         return state, sums, seconds
 
     monkeypatch.setattr(loop, "train_epoch", train_epoch)

@@ -230,7 +230,7 @@ class ShardedEpochRunner(EpochRunner):
                  placement: Placement):
         super().__init__(train_step, path, out_shardings=placement.replicated)
         self.placement = placement
-        self._zero_metrics = jax.jit(lambda s: s.replace(metrics=jnp.zeros_like(s.metrics)),
+        self._zero_metrics = jax.jit(lambda s: s.replace(metrics=s.metrics.reset()),
                                      out_shardings=placement.replicated, donate_argnums=0)
 
     def begin_epoch(self, state: TrainState) -> TrainState:

@@ -169,25 +169,26 @@ def epoch_order(config: TrainConfig, epoch: int, n: int) -> np.ndarray:
 
 
 def train_epoch(session: Session, state: TrainState, epoch: int, progress: EpochProgress | None = None
-                ) -> tuple[TrainState, np.ndarray, float]:
+                ) -> tuple[TrainState, dict[str, np.ndarray], float]:
     """One epoch of every model in the state, each in its own seed's order; returns the new state,
-    the epoch's metric sums (one row per stacked model) and the seconds it took."""
+    the epoch's sums by name (:class:`~flaxcnn.train.state.Sums`; one value per stacked model)
+    and the seconds it took."""
     x, y = session.device_arrays["train"]
     start = time.perf_counter()
     orders = [epoch_order(config, epoch, len(y)) for config in session.configs]
     state = session.runner.run(state, x, y, np.stack(orders) if session.members else orders[0],
                                session.config.batch_size, on_batch=progress.update if progress else None)
-    sums = np.asarray(state.metrics)  # blocks until the epoch is done
+    sums = state.metrics.to_host()  # blocks until the epoch is done
     return state, sums, time.perf_counter() - start
 
 
-def epoch_row(epoch: int, sums: np.ndarray, seconds: float, val: dict, val_split: str, lr: float) -> dict:
-    objective_sum, loss_sum, correct, count = (float(v) for v in sums)
+def epoch_row(epoch: int, sums: dict[str, float], seconds: float, val: dict, val_split: str, lr: float) -> dict:
+    count = sums["count"]
     return {
         "epoch": epoch,
-        "train_loss_sum": objective_sum,
-        "train_loss": loss_sum / count,
-        "train_accuracy_running": correct / count,
+        "train_loss_sum": sums["objective"],
+        "train_loss": sums["loss"] / count,
+        "train_accuracy_running": sums["correct"] / count,
         "val_split": val_split,
         "val_loss": val["loss"],
         "val_accuracy": val["accuracy"],
@@ -244,15 +245,15 @@ class RunRecord:
         return start_epoch, state
 
 
-def end_of_epoch(record: RunRecord, session: Session, epoch: int, state: TrainState, sums: np.ndarray,
+def end_of_epoch(record: RunRecord, session: Session, epoch: int, state: TrainState, sums: dict[str, float],
                  seconds: float) -> dict:
     """After each epoch of each run: refuse a non-finite loss, evaluate, log the row, save the
     latest (every ``checkpoint_every`` epochs and at the end) and the best checkpoint."""
     config = record.config
-    if not np.all(np.isfinite(sums)):
+    if not all(np.isfinite(value) for value in sums.values()):
         last = record.checkpoints.latest_epoch()
         raise Diverged(
-            f"the training loss became {sums[0]} in epoch {epoch}; stopped. "
+            f"the training loss became {sums['objective']} in epoch {epoch}; stopped. "
             + (f"The last good checkpoint (epoch {last}) is kept in {record.run_dir / 'checkpoints'}. "
                if last is not None else "")
             + f"Lower the learning rate (--lr {config.lr:g} now) or check the input data."
@@ -292,8 +293,8 @@ def run_epochs(session: Session, state: TrainState, records: Sequence[RunRecord]
                 if record.error is not None:
                     continue
                 try:
-                    rows[k] = end_of_epoch(record, session, epoch, session.member(state, k),
-                                           np.atleast_2d(sums)[k], seconds)
+                    member_sums = {name: float(np.atleast_1d(value)[k]) for name, value in sums.items()}
+                    rows[k] = end_of_epoch(record, session, epoch, session.member(state, k), member_sums, seconds)
                 except Diverged as error:
                     record.error = str(error)
                     if all(r.error is not None for r in records):

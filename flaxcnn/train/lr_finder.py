@@ -96,7 +96,7 @@ def run_sweep(session: Session, *, start_lr: float, end_lr: float, num_iter: int
     for i, idx in zip(range(num_iter), _batches(session)):
         state = runner.begin_epoch(state.replace(opt_state=set_learning_rate(state.opt_state, used[i])))
         state = runner.step_fn(state, x, y, runner.indices(idx))
-        loss = float(state.metrics[0])
+        loss = float(state.metrics.objective)
         if i > 0 and smooth_f > 0:
             loss = smooth_f * loss + (1 - smooth_f) * losses[-1]
         best = min(best, loss)

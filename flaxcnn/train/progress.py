@@ -34,8 +34,8 @@ class EpochProgress:
         self.bar.update(done - self.done)
         self.done = done
         if done % self.refresh == 0 or done == self.total:
-            metrics = state.metrics  # (4,), or (K, 4) for K stacked models: their mean loss
-            self.bar.set_postfix(loss=f"{float(metrics[..., 1].sum() / metrics[..., 3].sum()):.4f}", refresh=False)
+            sums = state.metrics  # for K stacked models, each field has K values: their mean loss
+            self.bar.set_postfix(loss=f"{float(sums.loss.sum() / sums.count.sum()):.4f}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

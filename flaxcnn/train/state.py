@@ -14,12 +14,33 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
-#: Accumulated over an epoch inside the jitted step, read once per epoch:
-#: [sum of batch objectives (the lab's printed loss), sum of per-sample losses, correct, samples]
-N_METRICS = 4
+@struct.dataclass
+class Sums:
+    """What the jitted steps add up, read once per epoch (or per evaluated split); each field
+    float32 (one value per stacked model when K models train at once)."""
+
+    objective: jax.Array  # sum of the batches' objectives: data loss + L2 penalty (the lab's printed loss)
+    loss: jax.Array  # sum of per-example losses
+    correct: jax.Array  # examples classified correctly
+    count: jax.Array  # examples
+
+    @classmethod
+    def zeros(cls) -> "Sums":
+        return cls(*(jnp.zeros((), jnp.float32) for _ in range(4)))
+
+    def __add__(self, other: "Sums") -> "Sums":
+        return jax.tree.map(jnp.add, self, other)
+
+    def reset(self) -> "Sums":
+        return jax.tree.map(jnp.zeros_like, self)
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        """The sums as NumPy values by name (blocks until they are computed)."""
+        return {name: np.asarray(value) for name, value in vars(self).items()}
 
 
 @struct.dataclass
@@ -28,7 +49,7 @@ class TrainState:
     rest: Any
     opt_state: Any
     step: jax.Array
-    metrics: jax.Array  # float32[N_METRICS], reset at each epoch
+    metrics: Sums  # reset at each epoch
     #: ``jax.random.key(seed)``: the augmentation stream draws ``fold_in(augment_key, step)``. A
     #: field of the state, not of the step, so that K stacked models each keep their own seed's.
     augment_key: jax.Array | None = None
@@ -54,7 +75,7 @@ def create_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int 
     graphs, params, rest = split_model(model)
     state = TrainState(
         params=params, rest=rest, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-        metrics=jnp.zeros((N_METRICS,), jnp.float32), augment_key=jax.random.key(seed),
+        metrics=Sums.zeros(), augment_key=jax.random.key(seed),
     )
     return graphs, state
 

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from flaxcnn.train.optim import l2_penalty, per_example_loss
-from flaxcnn.train.state import Graphs, TrainState
+from flaxcnn.train.state import Graphs, Sums, TrainState
 
 Batch = tuple[jax.Array, jax.Array]
 
@@ -91,7 +91,8 @@ def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(out, axis=1) == y)
-        batch_metrics = jnp.stack([total, loss_sum, correct.astype(jnp.float32), jnp.float32(y.shape[0])])
+        batch_metrics = Sums(objective=total, loss=loss_sum, correct=correct.astype(jnp.float32),
+                             count=jnp.float32(y.shape[0]))
         return state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1,
                              metrics=state.metrics + batch_metrics)
 
@@ -99,13 +100,15 @@ def make_train_step(graphs: Graphs, loss: str, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphs: Graphs, loss: str) -> Callable:
-    """Pure ``(params, rest, x, y) -> [loss sum, correct, count]`` in evaluation mode."""
+    """Pure ``(params, rest, x, y) -> Sums`` in evaluation mode (its objective is the loss sum)."""
 
     def eval_step(params, rest, x, y):
         out = nnx.merge(graphs.eval, params, rest)(x)
         losses = per_example_loss(loss, out, y)
         correct = jnp.sum(jnp.argmax(out, axis=1) == y)
-        return jnp.stack([jnp.sum(losses), correct.astype(jnp.float32), jnp.float32(y.shape[0])])
+        loss_sum = jnp.sum(losses)
+        return Sums(objective=loss_sum, loss=loss_sum, correct=correct.astype(jnp.float32),
+                    count=jnp.float32(y.shape[0]))
 
     return eval_step
 
@@ -145,7 +148,7 @@ class EpochRunner:
 
     def begin_epoch(self, state: TrainState) -> TrainState:
         """The state with the epoch's metric sums reset (a subclass may also place it)."""
-        return state.replace(metrics=jnp.zeros_like(state.metrics))
+        return state.replace(metrics=state.metrics.reset())
 
     def indices(self, idx: np.ndarray) -> np.ndarray | jax.Array:
         """An index batch (or a stack of them; the batch is the last axis) as the jitted calls
@@ -189,9 +192,10 @@ class Evaluator:
         self._step = jax.jit(make_eval_step(graphs, loss))
 
     def __call__(self, state: TrainState, x: jax.Array, y: jax.Array) -> dict[str, float]:
-        total = jnp.zeros((3,), jnp.float32)
+        total = Sums.zeros()
         for start in range(0, len(y), self.batch_size):
             total = total + self._step(state.params, state.rest, x[start:start + self.batch_size],
                                        y[start:start + self.batch_size])
-        loss_sum, correct, count = (float(v) for v in np.asarray(total))
-        return {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
+        sums = {name: float(value) for name, value in total.to_host().items()}
+        return {"loss": sums["loss"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
+                "count": int(sums["count"])}

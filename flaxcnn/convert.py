@@ -306,7 +306,7 @@ def load_pt(path: str | os.PathLike) -> dict[str, object]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch names the refused global ("GLOBAL parity.references.Net", "GLOBAL posix.system").
+        # torch names what it refused ("GLOBAL parity.references.Net", "GLOBAL posix.system").
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         raise ConversionError(
             f"refused to load {path}: it "

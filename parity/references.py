@@ -164,7 +164,7 @@ class ConvNet(nn.Module):
 
 class SpeechNet(nn.Module):
     """The speech lab's exercise answer (``flaxcnn.models.speech.SpeechNet``): input BatchNorm,
-    conv3x3-BN-ReLU blocks with max-pool 2 between them, global average pooling, dropout, fc,
+    conv3x3-BN-ReLU blocks with max-pool 2 between them, average pooling over all positions, dropout, fc,
     log_softmax."""
 
     def __init__(self, num_classes: int = 35, channels: tuple[int, ...] = (8, 16, 32, 64),
@@ -191,7 +191,7 @@ class SpeechNet(nn.Module):
 class SpeechResNet(nn.Module):
     """``flaxcnn.models.speech.SpeechResNet``: input BatchNorm, stem conv3x3-BN-ReLU, residual
     stages (2x2 max-pool, then blocks of conv3x3-BN-ReLU-conv3x3-BN plus an identity or
-    1x1 conv-BN shortcut, ReLU), global average pooling, dropout, fc, log_softmax."""
+    1x1 conv-BN shortcut, ReLU), average pooling over all positions, dropout, fc, log_softmax."""
 
     def __init__(self, num_classes: int = 35, channels: tuple[int, ...] = (16, 32, 64), blocks: int = 1,
                  dropout: float = 0.3):

@@ -1,9 +1,9 @@
 """Load pickled numpy containers without letting the file run code.
 
-``pickle.load`` calls whatever global a file names (``os.system``, ``builtins.exec``, ...), so a
+``pickle.load`` calls whatever module-level name a file names (``os.system``, ``builtins.exec``, ...), so a
 downloaded CIFAR batch could execute anything. :class:`RestrictedUnpickler` resolves only the
 globals that pickled numpy arrays need; plain dicts, lists, bytes, str and int use dedicated
-opcodes and never reach ``find_class``. Any other global is refused *before* it is called.
+opcodes and never reach ``find_class``. Any other name is refused *before* it is called.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return allowed[(module, name)]
         except KeyError:
             raise DataError(
-                f"refused to load {self.source}: it references the global {module}.{name}, "
+                f"refused to load {self.source}: it references {module}.{name}, "
                 "which a CIFAR batch never needs (only numpy arrays, dicts, lists, bytes, str "
                 "and int are accepted). The file is corrupt or was built to run code; "
                 "replace it with a copy from the original CIFAR-10 release."

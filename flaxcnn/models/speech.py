@@ -52,7 +52,7 @@ class SpeechNet(nnx.Module):
 
     ``bn0`` (BatchNorm2d(1)) normalises the raw log energies, then one block per entry of
     ``channels``: conv 3x3 (padding 1) -> BatchNorm2d -> ReLU, followed by max-pool 2 except
-    after the last block, which global average pooling summarises over time and frequency; then
+    after the last block, which average pooling over all positions summarises over time and frequency; then
     ``Dropout(dropout)``, ``fc`` to the classes and log_softmax (NLL loss, as in the lab).
     With the default (8, 16, 32, 64): (N, 1, 99, 26) -> (N, 8, 49, 13) -> (N, 16, 24, 6) ->
     (N, 32, 12, 3) -> (N, 64, 12, 3) -> (N, 64) -> (N, classes); 26,901 parameters for 35

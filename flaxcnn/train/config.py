@@ -152,7 +152,7 @@ class TrainConfig:
     eval_batch_size: int = setting(1000, "evaluation batch size", flag=None, rule=at_least(1),
                                    label="eval batch size")
     checkpoint_every: int = setting(1, "save the latest checkpoint every N epochs", rule=at_least(1))
-    devices: int | None = setting(None, "data parallel over this many local devices per process; the global "
+    devices: int | None = setting(None, "data parallel over this many local devices per process; the whole "
                                         "batch is split over them (default: all local devices)",
                                   rule=integer_at_least(1), on_resume="given")
     num_classes: int | None = setting(None, "number of outputs (default: the data set's classes)", flag=None)

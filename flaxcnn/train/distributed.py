@@ -1,17 +1,17 @@
 """Data parallelism with ``jax.sharding`` over local devices and ``jax.distributed`` processes.
 
 One ``Mesh`` with a single ``"data"`` axis spans the chosen devices of every process. The
-training state is replicated on it; each global batch of indices is split along the axis, so
+training state is replicated on it; each mesh-wide batch of indices is split along the axis, so
 every device gathers and trains on its slice of the batch from the replicated data set, and
 XLA's SPMD partitioner inserts the all-reduces: gradients are summed over the whole batch and
 BatchNorm's batch means (plain ``jnp.mean`` over the batch axes, see
 :class:`flaxcnn.models.layers.BatchNorm2d`) become means over the *global* batch. The result is
-one-device training on the same global batch, up to float rounding
+one-device training on the same mesh-wide batch, up to float rounding
 (``tests/test_distributed.py`` checks 20 steps to 1e-5).
 
 Processes (one per host): each process holds the whole data set (CIFAR and the speech features
 fit in memory), computes the same epoch order from the seed, and feeds only its own slice of
-each global index batch (``jax.make_array_from_process_local_data``). Process 0 writes the run
+each mesh-wide index batch (``jax.make_array_from_process_local_data``). Process 0 writes the run
 directory's text files; checkpoints are saved by orbax from all processes, so the run
 directory must be on a file system every process sees (one machine, NFS, a bucket).
 
@@ -177,7 +177,7 @@ class Placement:
         return NamedSharding(self.mesh, P(*([None] * axis), DATA_AXIS))
 
     def replicate(self, tree: Any) -> Any:
-        """Every leaf as a global array replicated on the mesh. Each process passes the same
+        """Every leaf as a mesh-wide array replicated on the mesh. Each process passes the same
         values (the state is built from the same seed, the data read from the same files)."""
         sharding = self.replicated
 
@@ -192,7 +192,7 @@ class Placement:
         return jax.tree.map(put, tree)
 
     def index_batch(self, order: np.ndarray, axis: int = 0) -> jax.Array:
-        """A global int32 index array with the values ``order`` (the same on every process), split
+        """A mesh-wide int32 index array with the values ``order`` (the same on every process), split
         along ``axis`` when it divides evenly over the devices, else replicated. Each process
         hands over only the slice its own devices hold."""
         order = np.asarray(order, np.int32)
@@ -241,10 +241,10 @@ class ShardedEpochRunner(EpochRunner):
 
 
 def check_batch_size(batch_size: int, num_devices: int) -> None:
-    """The global batch must split evenly over the mesh (a last partial batch need not)."""
+    """The mesh-wide batch must split evenly over the mesh (a last partial batch need not)."""
     if batch_size % num_devices:
         ok = [d for d in range(1, num_devices + 1) if batch_size % d == 0]
-        raise ConfigError(f"--batch-size {batch_size} (the global batch) must divide evenly over the "
+        raise ConfigError(f"--batch-size {batch_size} (the mesh-wide batch) must divide evenly over the "
                           f"{num_devices} devices of the mesh; use a multiple of {num_devices} "
                           f"or fewer devices: {ok} devices in all would divide it")
 

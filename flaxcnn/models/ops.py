@@ -140,7 +140,7 @@ def _split(part: Callable, reduce: str) -> Callable:
     return split_part
 
 
-#: every implementation of each part; dispatch measures those that apply to a layer
+#: every implementation of each part (a ConvPolicy names one per part; ``flaxcnn tune`` times those that apply)
 FORWARD: dict[str, Callable] = {"cpp": forward_cpp, "xla": forward_xla, "xla-split": _split(forward_xla, "concat"),
                                 "banded": forward_banded}
 KERNEL_GRAD: dict[str, Callable] = {"cpp": kernel_grad_cpp, "xla": kernel_grad_xla,
@@ -342,19 +342,18 @@ class PoolImpl:
 
 def _xla_pool(find: Callable, forward: Callable) -> PoolImpl:
     # The barriers keep XLA from fusing the pool's producer (an activation) into the taps and the
-    # gradient's scatter into its consumers (an activation's or BatchNorm's backward), as it cannot
-    # in dispatch's measurement, which times the pool alone on given arrays: the step then runs
-    # what was measured. Without them the fused ops were recomputed in several consumers, and the
-    # C++ pool, slower in the measurement, made NetDepth's, SpeechNet's and SpeechResNet's steps
-    # 12-25% faster than the chosen XLA pools (AMD EPYC, AVX-512, batch 64); with them the
-    # measured choice was as fast or faster in all three, and in Net.
+    # gradient's scatter into its consumers (an activation's or BatchNorm's backward). Without them
+    # the fused ops were recomputed in several consumers: NetDepth's, SpeechNet's and
+    # SpeechResNet's steps ran 12-25% slower than with the C++ pool (AMD EPYC, AVX-512, batch 64);
+    # with them the XLA pools were as fast or faster in all three, and in Net. They also make a
+    # pool timed alone (``flaxcnn tune``) run as it does inside its step.
     return PoolImpl(
         forward=lambda x, pool: forward(_crop(x, pool.k), pool.k),
         train_forward=lambda x, pool: find(_crop(lax.optimization_barrier(x), pool.k), pool.k),
         backward=lambda first, g, pool, shape: lax.optimization_barrier(_uncrop(_scatter_to_first(first, g, pool.k), shape)))
 
 
-#: the max-pool implementations dispatch measures. Why several: XLA's CPU backend lowers the
+#: the max-pool implementations (a ConvPolicy names one; ``flaxcnn tune`` times them). Why several: XLA's CPU backend lowers the
 #: gradient of ``reduce_window`` to select-and-scatter and that of reshape+max to a slow reduction,
 #: so each formulation saves the first maximum's index in the forward pass and writes the gradient
 #: in one elementwise pass. "taps" finds it by a chain of comparisons over the k*k strided taps

@@ -29,8 +29,9 @@ def test_the_rule_is_kernels_where_they_apply_and_xla_elsewhere():
     odd = _layer(3, 5, "avx2")  # no kernel for 5 output channels, nor for 3 input channels
     assert [DEFAULT.choose(odd, part, ops.PARTS[part]) for part in conv_policy.CONV_PARTS] == ["xla"] * 3
     assert DEFAULT.choose(_layer(16, 8, None), "forward", ops.FORWARD) == "xla"  # kernels not used
-    pool = PoolLayer(64, 8, 8, 16, 2, None)
-    assert DEFAULT.choose(pool, "pool", ops.POOLS) == "taps"
+    assert DEFAULT.choose(PoolLayer(64, 8, 8, 16, 2, None), "pool", ops.POOLS) == "taps"  # no kernels
+    assert DEFAULT.choose(PoolLayer(64, 8, 8, 16, 2, "avx2"), "pool", ops.POOLS) == "taps"  # windows tile 8x8
+    assert DEFAULT.choose(PoolLayer(64, 9, 8, 16, 2, "avx2"), "pool", ops.POOLS) == "cpp"  # a cropped row
 
 
 def test_an_override_replaces_the_rule_for_its_shape_and_part_only():
@@ -52,15 +53,17 @@ def test_a_policy_is_immutable_and_hashable():
 
 @on_cpu_with_kernels
 def test_a_model_traces_what_its_policy_says_and_nothing_else_decides():
-    spec = get_model("net")
     text = {}
-    for label, policy in (("default", DEFAULT), ("xla", XLA_ONLY)):
-        model = spec.build(conv_policy=policy)
-        graph, state = nnx.split(model)
-        x = jnp.zeros((4, *spec.input_chw))
-        text[label] = jax.jit(lambda s, x: nnx.merge(graph, s)(x)).lower(state, x).as_text()
-    assert "flaxcnn_conv_forward" in text["default"] and "flaxcnn_max_pool_forward" in text["default"]
-    assert "flaxcnn_" not in text["xla"]
+    for name in ("net", "speechnet"):  # 2x2 pools tiling 32x32 and 16x16; SpeechNet's crop 99x26
+        spec = get_model(name)
+        for label, policy in (("default", DEFAULT), ("xla", XLA_ONLY)):
+            model = spec.build(conv_policy=policy)
+            graph, state = nnx.split(model)
+            x = jnp.zeros((4, *spec.input_chw))
+            text[name, label] = jax.jit(lambda s, x: nnx.merge(graph, s)(x)).lower(state, x).as_text()
+    assert "flaxcnn_conv_forward" in text["net", "default"] and "flaxcnn_max_pool" not in text["net", "default"]
+    assert "flaxcnn_max_pool_forward" in text["speechnet", "default"]
+    assert "flaxcnn_" not in text["net", "xla"] and "flaxcnn_" not in text["speechnet", "xla"]
     assert conv_policy.of(spec.build(conv_policy=XLA_ONLY)) == XLA_ONLY
 
 

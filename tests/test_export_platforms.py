@@ -23,7 +23,6 @@ import pytest
 from jax import export
 
 from flaxcnn import kernels
-from flaxcnn.models import dispatch
 from flaxcnn.data.arrays import Dataset, SplitArrays
 from flaxcnn.models.registry import MODELS, get_model
 from flaxcnn.train import sweep

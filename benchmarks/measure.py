@@ -8,6 +8,7 @@ A row that fails (say, ``torch.compile`` without a working compiler) is reported
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -31,7 +32,7 @@ def framework_info(framework: str, device: str, torch_threads: int | None = None
 
         set_threads(torch_threads)
         return {**torch_info(device), "torch_threads_set_by_option": torch_threads,
-                "torch_freed_memory": cpu_memory.state()}
+                "torch_freed_memory": os.environ.get(cpu_memory.ENV, "1")}
     from benchmarks.flax_paths import jax_info, setup_jax
 
     setup_jax(device)
@@ -39,7 +40,7 @@ def framework_info(framework: str, device: str, torch_threads: int | None = None
 
 
 def make_trainer(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int, *,
-                 seed: int, device: str, init_dir: Path | None):
+                 seed: int, device: str, init_dir: Path | None, policy_file: str | None = None):
     """A trainer of ``framework`` in ``path`` with the lab's optimizer settings for ``spec``."""
     settings = dict(lr=LR, momentum=lab_momentum(spec), seed=seed, init_dir=init_dir)
     if framework == "torch":
@@ -48,7 +49,7 @@ def make_trainer(framework: str, spec: ModelSpec, path: str, data: BenchData, ba
         return TorchTrainer(spec, path, data, batch_size, device=device, **settings)
     from benchmarks.flax_paths import FlaxTrainer
 
-    return FlaxTrainer(spec, path, data, batch_size, **settings)
+    return FlaxTrainer(spec, path, data, batch_size, policy_file=policy_file, **settings)
 
 
 def is_default_path(framework: str, path: str) -> bool:
@@ -57,7 +58,7 @@ def is_default_path(framework: str, path: str) -> bool:
         return False
     from flaxcnn.train.steps import default_path
 
-    return path == default_path()  # "step-xla"/"step-kernels" force a setting: never the default
+    return path == default_path()  # "step-xla"/"step-tuned" run another policy: never the default
 
 
 def row_header(framework: str, spec: ModelSpec, path: str, data: BenchData, batch_size: int) -> dict[str, Any]:
@@ -81,11 +82,11 @@ def measure_group(framework: str, spec: ModelSpec, paths: list[str], data: Bench
     when each ran. Evaluation does not depend on the training batch size, so it is measured once
     per (framework, path, model) in this process and copied to the other batch sizes."""
     rows = {path: row_header(framework, spec, path, data, batch_size) for path in paths}
-    trainers, dispatch_records = {}, {}
+    trainers = {}
     for path in paths:
         try:
             trainers[path] = make_trainer(framework, spec, path, data, batch_size, seed=job["seed"],
-                                          device=job["device"],
+                                          device=job["device"], policy_file=job.get("conv_policy"),
                                           init_dir=Path(job["init_dir"]) if job.get("init_dir") else None)
         except Exception as error:  # one broken path must not lose the other rows' numbers
             rows[path]["error"] = _error(error)
@@ -96,8 +97,6 @@ def measure_group(framework: str, spec: ModelSpec, paths: list[str], data: Bench
         if key not in eval_cache:  # evaluation's first pass traces it (under this row's settings)
             eval_cache[key] = {**time_evaluation(trainer, *trainer.eval_arrays(data), len(data.eval_y)),
                                "eval_measured_at_batch_size": batch_size}
-        if hasattr(trainer, "dispatch_record"):
-            dispatch_records[path] = trainer.dispatch_record()
 
     timed = time_training_interleaved(trainers, len(data.y), job["epochs"], after_warmup)
     for path, trainer in trainers.items():
@@ -107,8 +106,8 @@ def measure_group(framework: str, spec: ModelSpec, paths: list[str], data: Bench
             row.update(eval_cache[(framework, path, spec.name)])
         if hasattr(trainer, "init"):
             row["init"] = trainer.init
-        if path in dispatch_records:
-            row["cpu_dispatch"] = dispatch_records[path]
+        if hasattr(trainer, "policy_record"):
+            row["conv_policy"] = trainer.policy_record()
     peak = peak_rss_mb()
     for row in rows.values():
         row["peak_rss_mb"] = peak

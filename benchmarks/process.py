@@ -40,9 +40,15 @@ def run_isolated(entry: str, job: dict[str, Any], *, env: dict[str, str] | None 
 
 def main(argv: list[str] | None = None) -> int:
     entry, job_path, out_path = argv if argv is not None else sys.argv[1:]
+    # Process-wide, before JAX or torch start their threads; FLAXCNN_KEEP_FREED_MEMORY=0 (the
+    # parent's choice for PyTorch rows) leaves the allocator at glibc's defaults.
+    from flaxcnn import cpu_memory
+
+    freed_memory = cpu_memory.keep_freed_memory()
     module_name, _, function_name = entry.partition(":")
     function = getattr(importlib.import_module(module_name), function_name)
     result = function(json.loads(Path(job_path).read_text()))
+    result.setdefault("keep_freed_memory", freed_memory)
     Path(out_path).write_text(json.dumps(result))
     return 0
 

@@ -46,16 +46,5 @@ def merge_processes(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
         row["processes"] = len(rows)
         row["throughput_method"] = f"the median over {len(rows)} processes of {rows[0]['throughput_method']}"
-        if "cpu_dispatch" in row:
-            row["cpu_dispatch_same_in_every_process"] = len({_choices(r.get("cpu_dispatch")) for r in rows}) == 1
         merged.append(row)
     return merged
-
-
-def _choices(dispatch: dict[str, Any] | None) -> str:
-    """What a ``cpu_dispatch`` record chose (not how long measuring took): the settings, each
-    layer's implementations, each training step's choice."""
-    dispatch = dispatch or {}
-    layers = [{k: v for k, v in layer.items() if isinstance(v, str)} for layer in dispatch.get("layers", [])]
-    steps = [(s.get("step"), s.get("choice")) for s in dispatch.get("training_steps", [])]
-    return repr((dispatch.get("conv_impl"), dispatch.get("kernel_isa"), layers, steps))

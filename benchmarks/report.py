@@ -10,13 +10,12 @@ import math
 
 import numpy as np
 
-#: the whole-step choice (flaxcnn.train.step_choice) -> the forced row that runs the same program
-FORCED_BY_STEP_CHOICE = {"kernels": "step-kernels", "xla": "step-xla"}
-FORCED_PATHS = tuple(FORCED_BY_STEP_CHOICE.values())
-PAIRED_METHOD = ("median over the timed epochs of the forced row's epoch time over the default row's in the "
+#: rows that run the step path under another conv policy than the default rule
+FORCED_PATHS = ("step-xla", "step-tuned")
+PAIRED_METHOD = ("median over the timed epochs of the other policy's epoch time over the default row's in the "
                  "same round of interleaved epochs; 95% percentile-bootstrap interval over those epochs (over "
                  "processes, then their epochs, for rows measured in several processes: --repeats)")
-PATH_ORDER = ("lab-loop", "torch-sliced", "torch-compile", "step", "scan", "step-xla", "step-kernels")
+PATH_ORDER = ("lab-loop", "torch-sliced", "torch-compile", "step", "scan", "step-xla", "step-tuned")
 BASELINE = ("torch", "lab-loop")
 
 
@@ -96,7 +95,7 @@ def _by_process(seconds: Sequence[float] | Sequence[Sequence[float]]) -> list[li
 
 
 def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """On every flaxcnn default row with forced rows (``step-xla``/``step-kernels``) beside it:
+    """On every flaxcnn default row with other-policy rows (``step-xla``/``step-tuned``) beside it:
     ``vs_faster_forced``, the paired ratio (:func:`paired_ratio`) against the forced row it does
     worst against, with the fastest-epoch ratio beside it."""
     rows = [r for r in results if "error" not in r]
@@ -112,20 +111,12 @@ def attach_default_vs_forced(results: list[dict[str, Any]]) -> list[dict[str, An
         against = min(pairs, key=lambda p: pairs[p][0]["median"])
         paired, other = pairs[against]
         row["vs_faster_forced"] = {"against": against, "paired": paired, "method": PAIRED_METHOD,
-                                   "fastest_epoch_ratio": row["samples_per_second"] / other["samples_per_second"],
-                                   "same_program": FORCED_BY_STEP_CHOICE.get(step_choice(row)) == against}
+                                   "fastest_epoch_ratio": row["samples_per_second"] / other["samples_per_second"]}
     return results
 
 
 def _epochs_by_process(row: dict[str, Any]) -> list[list[float]]:
     return row.get("epoch_seconds_by_process") or [row["epoch_seconds"]]
-
-
-def step_choice(row: dict[str, Any]) -> str | None:
-    """The whole-step variant a ``step`` row ran (``training_steps`` in its ``cpu_dispatch``),
-    None if it recorded none or more than one."""
-    choices = {entry.get("choice") for entry in (row.get("cpu_dispatch") or {}).get("training_steps", [])}
-    return choices.pop() if len(choices) == 1 else None
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -150,13 +141,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 over = (f" over {len(per_process)} processes ({'/'.join(f'{m:.2f}' for m in per_process)})"
                         if per_process else "")
                 text += (f" ({versus['paired']['median']:.2f}x {versus['against']} paired{over}, 95% "
-                         f"{low:.2f}-{high:.2f}; fastest epochs {versus['fastest_epoch_ratio']:.2f}x"
-                         + ("; the same program" if versus.get("same_program") else "") + ")")
+                         f"{low:.2f}-{high:.2f}; fastest epochs {versus['fastest_epoch_ratio']:.2f}x)")
             parts.append(text)
         lines.append(f"- batch {batch}: flaxcnn default ({next(iter(default.values()))['path']}) vs the best "
                      f"PyTorch path: {'; '.join(parts)}; geometric mean {geo:.2f}x")
         if any(r.get("vs_faster_forced") for r in default.values()):
-            lines.append("  (in brackets: the default against the forced choice it does worst against, "
+            lines.append("  (in brackets: the default against the other conv policy it does worst against, "
                          "--conv-impl kernels or xla; paired = " + PAIRED_METHOD + "; \"the same program\": "
                          "the default's whole-step choice was that forced setting, so the ratio is the run's "
                          "resolution)")
@@ -204,12 +194,12 @@ def markdown(report: dict[str, Any]) -> str:
            else f"at the last finished process {m.get('loadavg_latest')} (run incomplete)"),
         f"- torch {m.get('torch')} ({threads_note(m)}); jax {m.get('jax')} "
         f"(backend {m.get('jax_backend')}, XLA_FLAGS {m.get('XLA_FLAGS')!r}; freed memory "
-        f"{(m.get('flaxcnn_cpu_dispatch') or {}).get('freed_memory', 'unrecorded')}: see flaxcnn/cpu_memory.py); "
+        f"{m.get('freed_memory', 'unrecorded')}: see flaxcnn/cpu_memory.py); "
         f"device {s['device']}",
         f"- CPU vector ISA: {', '.join(m.get('cpu_vector_flags') or []) or 'unknown'}; flaxcnn kernel variant "
-        f"{(m.get('flaxcnn_cpu_dispatch') or {}).get('kernel_isa', 'unknown')}"
+        f"{(m.get('flaxcnn_conv_policy') or {}).get('kernel_isa', 'unknown')}"
         + (f" (forced by FLAXCNN_KERNEL_ISA={m['kernel_isa_env']})" if m.get('kernel_isa_env') else "")
-        + "; each flaxcnn row's per-layer implementation choices are in the JSON (`cpu_dispatch`)",
+        + "; each flaxcnn row's conv policy and what it runs per layer are in the JSON (`conv_policy`)",
         f"- {s['samples']} samples per epoch ({s['data']}); train samples/s: "
         f"{s.get('throughput_method', 'the median')} of {s['epochs']} epochs after 1 warm-up epoch"
         + (f" ({s['timing_order']})" if s.get("timing_order") else "") + "; "

@@ -109,7 +109,7 @@ class _VmapTrainer:
         orders = np.stack([epoch_order(c, epoch, n) for c in self.configs])
         self.state = self.runner.run(self.state, *self.session.device_arrays["train"], orders,
                                      self.session.config.batch_size)
-        return float(np.asarray(self.state.metrics)[:, 0].sum())
+        return float(np.asarray(self.state.metrics.objective).sum())
 
 
 def devices_worker(job: dict[str, Any]) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def round_order(names: list[str], epoch: int) -> list[str]:
     equally often (epochs a multiple of the trainers): a row's place in the round (say, always
     right after the slowest row, whose buffers it then evicts from the cache) must not move its
     ratios (the same program in two rows of one fixed-order run had timed 8% apart: Net on the
-    AVX2 kernels, default path against step-kernels)."""
+    AVX2 kernels, the default path against one forcing the kernels)."""
     if epoch == 0 or not names:
         return names
     shift = (epoch - 1) % len(names)

@@ -30,7 +30,7 @@ from flaxcnn.models.registry import MODELS, get_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # lab-loop always runs: it is the baseline; "step" brings "step-xla" (flaxcnn on XLA alone) with it
-OPTIONAL_PATHS = ("torch-sliced", "step", "scan", "step-xla", "step-kernels")
+OPTIONAL_PATHS = ("torch-sliced", "step", "scan", "step-xla", "step-tuned")
 DEFAULT_PATHS = ("torch-sliced", "step", "scan")
 PROCESS_PER = ("framework", "model", "row")
 
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS),
                    help=f"paths besides the lab loop, of {', '.join(OPTIONAL_PATHS)} (default: "
                         f"{' '.join(DEFAULT_PATHS)}; step brings step-xla, flaxcnn on XLA alone, with it)")
+    p.add_argument("--conv-policy", default=None, metavar="FILE",
+                   help="a policy file from `flaxcnn tune`: adds the step-tuned row, the step path under it")
     p.add_argument("--data-dir", default=None, help="real CIFAR-2 (cifar-10-batches-py) for the CIFAR models")
     p.add_argument("--speech-dir", default=None, help="real speech features (melspec_feats.npy) for speech models")
     p.add_argument("--process-per", choices=PROCESS_PER, default="model",
@@ -87,6 +89,14 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"unknown --paths {', '.join(bad)}; accepted: {', '.join(OPTIONAL_PATHS)} "
                           "(lab-loop always runs; torch-compile via --torch-compile)")
+    if args.conv_policy:
+        from flaxcnn.models import conv_policy
+
+        conv_policy.load(args.conv_policy)  # a bad file fails here, before anything runs
+        if "step-tuned" not in paths:
+            paths.append("step-tuned")
+    elif "step-tuned" in paths:
+        raise ConfigError("--paths step-tuned needs --conv-policy FILE (a policy file from `flaxcnn tune`)")
     if "step" in paths and "step-xla" not in paths and args.device == "cpu":
         paths.append("step-xla")  # the XLA-only row beside the default, always
     if not batch_sizes or min(batch_sizes) < 1:
@@ -107,20 +117,22 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "data": "real data for " + data + ", synthetic otherwise" if data else "synthetic N(0, 1) images",
         "process_per": args.process_per, "repeats": args.repeats, "torch_threads": args.torch_threads,
         "torch_keep_freed_memory": args.torch_keep_freed_memory,
+        "conv_policy": str(Path(args.conv_policy).resolve()) if args.conv_policy else None,
         "warmup_method": WARMUP_METHOD, "throughput_method": THROUGHPUT_METHOD, "eval_batch": EVAL_BATCH,
         "timing_order": "the rows of one framework, model and batch size interleaved, epoch by epoch",
     }
 
 
 def framework_of(path: str) -> str:
-    return "flaxcnn" if path in ("step", "scan", "step-xla", "step-kernels") else "torch"
+    return "flaxcnn" if path in ("step", "scan", "step-xla", "step-tuned") else "torch"
 
 
 def plan_jobs(settings: dict[str, Any], init_dir: str) -> list[dict[str, Any]]:
     """Worker jobs in run order: PyTorch before flaxcnn (it saves the init flaxcnn loads)."""
     rows = [{"model": m, "batch_size": b, "path": p} for m in settings["models"]
             for b in settings["batch_sizes"] for p in settings["paths"]]
-    common = {k: settings[k] for k in ("epochs", "samples", "seed", "device", "data_dirs", "torch_threads")}
+    common = {k: settings.get(k) for k in ("epochs", "samples", "seed", "device", "data_dirs", "torch_threads",
+                                           "conv_policy")}
     per = settings["process_per"]
     jobs: dict[tuple, dict[str, Any]] = {}  # insertion order: lab-loop (torch) opens each group
     for row in rows:

@@ -1,29 +1,47 @@
 """PyTorch ``state_dict`` <-> Flax NNX model state, for parity, export and users.
 
-One rule renames one key and reshapes its tensor (the shape of Hugging Face's converters):
+One rule renames one key and reshapes its tensor (the shape of Hugging Face's converters).
+Layers are those of :mod:`flaxcnn.models.nn` (``nnx.Conv``/``nnx.Linear`` built otherwise
+convert the same way):
 
-========================  =========================  =======================================
-PyTorch key               Flax attribute             tensor transform
-========================  =========================  =======================================
-``convN.weight``          ``convN.kernel``           OIHW -> HWIO, ``transpose(2, 3, 1, 0)``
-``convN.bias``            ``convN.bias``             none
-``fcN.weight``            ``fcN.kernel``             (out, in) -> (in, out), transpose
-``fc1.weight`` after a    ``fc1.kernel``             rows permuted from NCHW to NHWC flatten
-conv stack                                           order (see ``flaxcnn.models.layers``)
-``bnN.weight``/``bias``   ``bnN.scale``/``bias``     none
-``bnN.running_mean/var``  ``bnN.mean``/``var``       none (both store the unbiased variance)
-``bnN.num_batches_
-tracked``                 ``bnN.num_batches_tracked`` int64 <-> int32
-========================  =========================  =======================================
+==============================  ==========================  =====================================
+PyTorch key                     Flax attribute              tensor transform
+==============================  ==========================  =====================================
+Conv2d ``weight``               ``kernel``                  (out, in/groups, kh, kw) -> HWIO
+                                                            (kh, kw, in/groups, out),
+                                                            ``transpose(2, 3, 1, 0)`` (grouped and
+                                                            depthwise alike)
+ConvTranspose2d ``weight``      ``kernel``                  (in, out/groups, kh, kw) -> (kh, kw,
+                                                            out/groups, in), the same transpose
+Conv2d/ConvTranspose2d ``bias`` ``bias``                    none
+Linear ``weight``               ``kernel``                  (out, in) -> (in, out), transpose
+Linear ``weight`` after a       ``kernel``                  rows permuted from NCHW to NHWC
+flatten in NHWC order                                       flatten order (``nchw_flatten``)
+Linear ``bias``                 ``bias``                    none
+BatchNorm1d/2d ``weight``/      ``scale``/``bias``          none (absent with ``affine=False``)
+``bias``
+BatchNorm ``running_mean``/     ``mean``/``var``            none (both store the unbiased
+``running_var``                                             variance; absent with
+                                                            ``track_running_stats=False``)
+BatchNorm                       ``num_batches_tracked``     int64 <-> int32
+``num_batches_tracked``
+GroupNorm ``weight``/``bias``   ``scale``/``bias``          none (absent with ``affine=False``)
+LayerNorm ``weight``/``bias``   ``scale``/``bias``          none: stored in torch's
+                                                            ``normalized_shape`` order (the layer
+                                                            transposes for NHWC input)
+==============================  ==========================  =====================================
+
+Floating-point tensors are cast to the model's variable dtype, so a float64 state_dict loads
+bit-exactly into a float64 model (built with ``dtype=jnp.float64`` under ``jax.enable_x64``)
+and comes back float64; the round trip torch -> flax -> torch is exact.
 
 Nested modules are named as PyTorch names them: attributes by name, ``nnx.Sequential``,
 ``nnx.List`` and lists of blocks by index, ``nnx.Dict`` by key, so ``features.0.weight`` is
 ``features.layers[0].kernel`` in an ``nnx.Sequential`` and ``blocks.1.bn.running_var`` is
-``blocks[1].bn.var`` (:func:`named_layers` gives the names). Supported layers: ``nnx.Conv``
-with a 2-D kernel (``nn.Conv2d``), ``nnx.Linear`` (``nn.Linear``),
-:class:`flaxcnn.models.layers.BatchNorm2d` (``nn.BatchNorm2d``), and layers that hold no
-parameters or statistics (activations, pooling, dropout, flatten; plain functions in an
-``nnx.Sequential``). Anything else that holds variables is refused in one error naming it.
+``blocks[1].bn.var`` (:func:`named_layers` gives the names). Supported layers:
+:data:`SUPPORTED_LAYERS`, and layers that hold no parameters or statistics (activations,
+pooling, dropout, flatten; plain functions in an ``nnx.Sequential``). Anything else that holds
+variables is refused in one error naming it.
 
 Flatten order: a Flax model that flattens an NHWC map feeds its first ``Linear`` rows in
 (h, w, c) order, PyTorch's ``x.view(N, -1)`` in (c, h, w) order. The rows of that ``Linear``
@@ -48,7 +66,7 @@ import numpy as np
 from flax import nnx
 
 from flaxcnn.errors import ConversionError
-from flaxcnn.models.layers import BatchNorm2d
+from flaxcnn.models.nn import BatchNormNd, ConvTranspose2d, GroupNorm, LayerNorm
 
 Array = np.ndarray
 
@@ -97,8 +115,7 @@ def _linear_rules(nchw_flatten: tuple[int, int, int] | None) -> list[Rule]:
 
 def _batchnorm_rules() -> list[Rule]:
     return [
-        Rule("weight", "scale", _same, _same),
-        Rule("bias", "bias", _same, _same),
+        *_scale_bias_rules(),
         Rule("running_mean", "mean", _same, _same),
         Rule("running_var", "var", _same, _same),
         Rule("num_batches_tracked", "num_batches_tracked",
@@ -106,11 +123,29 @@ def _batchnorm_rules() -> list[Rule]:
     ]
 
 
+def _scale_bias_rules() -> list[Rule]:
+    """GroupNorm/LayerNorm (and BatchNorm's affine part): ``weight`` is ``scale``, unchanged."""
+    return [Rule("weight", "scale", _same, _same), Rule("bias", "bias", _same, _same)]
+
+
+#: every layer type with a rule (checked in order: flaxcnn.models.nn.Conv2d is an nnx.Conv,
+#: nn.Linear an nnx.Linear), and its rules; the Linear's depend on nchw_flatten (see _rules_for)
+RULES: tuple[tuple[type, Callable[[], list[Rule]] | None], ...] = (
+    (nnx.Conv, _conv_kernel_rules),
+    (ConvTranspose2d, _conv_kernel_rules),  # (in, out/groups, kh, kw) is OIHW of the transposed conv
+    (nnx.Linear, None),
+    (BatchNormNd, _batchnorm_rules),
+    (GroupNorm, _scale_bias_rules),
+    (LayerNorm, _scale_bias_rules),
+)
+
 SUPPORTED_LAYERS = (
-    "nnx.Conv with a 2-D kernel (from nn.Conv2d), nnx.Linear (nn.Linear), "
-    "flaxcnn.models.layers.BatchNorm2d (nn.BatchNorm2d; nnx.BatchNorm stores the biased variance "
-    "and uses the other momentum convention), and layers without parameters or statistics "
-    "(activations, pooling, dropout, flatten, plain functions in an nnx.Sequential)"
+    "nnx.Conv with a 2-D kernel (flaxcnn.models.nn.Conv2d: nn.Conv2d, grouped and depthwise included), "
+    "flaxcnn.models.nn.ConvTranspose2d, nnx.Linear (flaxcnn.models.nn.Linear: nn.Linear), "
+    "flaxcnn.models.nn.BatchNorm1d/BatchNorm2d (nn.BatchNorm1d/2d; nnx.BatchNorm stores the biased variance "
+    "and uses the other momentum convention), flaxcnn.models.nn.GroupNorm, flaxcnn.models.nn.LayerNorm, "
+    "and layers without parameters or statistics (activations, pooling, dropout, flatten, plain functions "
+    "in an nnx.Sequential)"
 )
 
 FlattenSpec = Mapping[str, tuple[int, int, int]]
@@ -177,7 +212,7 @@ def _iter_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
         own = [v for k, v in vars(node).items() if not k.startswith("_pytree__")]
         if isinstance(node, nnx.Conv) and node.kernel[...].ndim != 4:
             unsupported.append(f"{name} (nnx.Conv with {node.kernel[...].ndim - 2} spatial dimension(s))")
-        elif isinstance(node, (nnx.Conv, nnx.Linear, BatchNorm2d)):
+        elif isinstance(node, tuple(layer_type for layer_type, _ in RULES)):
             layers.append((name, node))
         elif _has_state(own):
             unsupported.append(f"{name} ({type(node).__module__}.{type(node).__qualname__})")
@@ -205,12 +240,11 @@ def _flatten_spec(model: nnx.Module, linears: list[str], nchw_flatten: FlattenSp
 
 
 def _rules_for(name: str, layer: nnx.Module, flatten: Mapping[str, tuple[int, int, int]]) -> list[Rule]:
-    if isinstance(layer, nnx.Conv):
-        return _conv_kernel_rules()
     if isinstance(layer, nnx.Linear):
         return _linear_rules(flatten.get(name))
-    if isinstance(layer, BatchNorm2d):
-        return _batchnorm_rules()
+    for layer_type, rules in RULES:
+        if isinstance(layer, layer_type) and rules is not None:
+            return rules()
     raise ConversionError(f"no conversion rule for layer {name!r} of type {type(layer).__name__}")
 
 

@@ -21,7 +21,7 @@ from benchmarks.report import attach_ratios, markdown
 ROW_KEYS = {"framework", "path", "model", "batch_size", "samples_per_second", "warmup_seconds", "peak_rss_mb",
             "ratio_vs_lab_loop", "eval_samples_per_second", "default_path"}
 MACHINE_KEYS = {"cpu_model", "cpu_count", "torch", "torch_num_threads", "jax", "jax_backend", "XLA_FLAGS",
-                "loadavg_before", "loadavg_after", "cpu_vector_flags", "kernel_isas_runnable", "flaxcnn_cpu_dispatch"}
+                "loadavg_before", "loadavg_after", "cpu_vector_flags", "kernel_isas_runnable", "flaxcnn_conv_policy", "freed_memory"}
 FLAX_PATHS = ("step", "scan", "step-xla")
 
 
@@ -50,11 +50,14 @@ def test_json_has_the_required_layout(tiny_run):
         assert len(row["epoch_seconds"]) == 2
         assert row["ratio_vs_lab_loop"] == pytest.approx(row["samples_per_second"]
                                                          / rows["torch", "lab-loop"]["samples_per_second"])
-        if row["framework"] == "flaxcnn":  # the implementation setting and every layer's choice
+        if row["framework"] == "flaxcnn":  # the conv policy and what it runs per layer
             best_torch = max(rows[k]["samples_per_second"] for k in rows if k[0] == "torch")
             assert row["ratio_vs_best_torch"] == pytest.approx(row["samples_per_second"] / best_torch)
-            assert row["cpu_dispatch"]["conv_impl"] == {"step-xla": "xla"}.get(row["path"], "auto")
-            assert row["cpu_dispatch"]["layers"], row["cpu_dispatch"]
+            assert row["conv_policy"]["source"] == {"step-xla": "xla"}.get(row["path"], "default")
+            assert row["conv_policy"]["layers"], row["conv_policy"]
+            impls = {impl for layer in row["conv_policy"]["layers"] for part, impl in layer.items() if part != "layer"}
+            if row["path"] == "step-xla":
+                assert "cpp" not in impls, row["conv_policy"]
     assert rows["torch", "lab-loop"]["ratio_vs_lab_loop"] == 1.0
     defaults = [path for (fw, path), r in rows.items() if r["default_path"]]
     assert defaults == [report["machine"]["flaxcnn_default_path"]]
@@ -111,7 +114,7 @@ def test_ratios_use_the_lab_loop_of_the_same_model_and_batch():
 @pytest.mark.parametrize("argv, fragment", [
     (["--models", "no-such-net"], "choose one of"),
     (["--batch-sizes", "sixty"], "--batch-sizes takes integers"),
-    (["--paths", "warp"], "accepted: torch-sliced, step, scan, step-xla, step-kernels"),
+    (["--paths", "warp"], "accepted: torch-sliced, step, scan, step-xla, step-tuned"),
     (["--epochs", "0"], "--epochs and --samples must be >= 1"),
 ])
 def test_bad_options_are_reported(argv, fragment, capsys, tmp_path):
@@ -225,17 +228,12 @@ def test_summary_reports_the_default_against_the_forced_choice_it_does_worst_aga
     results = attach_ratios([
         row("torch", "lab-loop", [4.0] * 4), row("torch", "torch-sliced", [2.0] * 4),
         row("flaxcnn", "step", [1.0, 1.0, 1.1, 1.0], default=True),
-        row("flaxcnn", "step-kernels", [0.9, 0.9, 1.0, 0.9]), row("flaxcnn", "step-xla", [2.0] * 4)])
+        row("flaxcnn", "step-tuned", [0.9, 0.9, 1.0, 0.9]), row("flaxcnn", "step-xla", [2.0] * 4)])
     versus = results[2]["vs_faster_forced"]
-    assert versus["against"] == "step-kernels" and abs(versus["paired"]["median"] - 0.9) < 1e-9
-    assert not versus["same_program"]  # no whole-step choice recorded
+    assert versus["against"] == "step-tuned" and abs(versus["paired"]["median"] - 0.9) < 1e-9
     text = "\n".join(summary_lines({"results": results}))
-    assert "net 2.00x (0.90x step-kernels paired" in text and "geometric mean 2.00x" in text
-    assert "the same program)" not in text
-
-    results[2]["cpu_dispatch"] = {"training_steps": [{"choice": "kernels"}]}
-    assert attach_ratios(results)[2]["vs_faster_forced"]["same_program"]
-    assert "fastest epochs 0.90x; the same program)" in "\n".join(summary_lines({"results": results}))
+    assert "net 2.00x (0.90x step-tuned paired" in text and "geometric mean 2.00x" in text
+    assert "fastest epochs 0.90x)" in text
 
 
 def test_rows_from_repeated_processes_merge_and_their_interval_carries_the_spread():
@@ -246,16 +244,14 @@ def test_rows_from_repeated_processes_merge_and_their_interval_carries_the_sprea
         return {"framework": "flaxcnn", "path": path, "model": "net", "batch_size": 64, "default_path": default,
                 "samples_per_second": 100 / min(seconds), "samples_per_second_median": 1.0,
                 "eval_samples_per_second": 1.0, "epoch_seconds": seconds, "peak_rss_mb": 10.0,
-                "throughput_method": "the fastest of the timed epochs",
-                "cpu_dispatch": {"conv_impl": "auto", "training_steps": [{"step": "s", "choice": "kernels"}]}}
+                "throughput_method": "the fastest of the timed epochs"}
 
     # the default is 5% faster in process 1 and 5% slower in process 2; each process alone is tight
-    runs = [[row("step", [1.0] * 6, True), row("step-kernels", [1.05] * 6)],
-            [row("step", [1.0] * 6, True), row("step-kernels", [0.95] * 6)]]
+    runs = [[row("step", [1.0] * 6, True), row("step-tuned", [1.05] * 6)],
+            [row("step", [1.0] * 6, True), row("step-tuned", [0.95] * 6)]]
     merged = merge_processes(runs)
     assert merged[0]["epoch_seconds_by_process"] == [[1.0] * 6] * 2 and merged[0]["processes"] == 2
     assert merged[1]["samples_per_second"] == pytest.approx((100 / 1.05 + 100 / 0.95) / 2)  # median of two
-    assert merged[0]["cpu_dispatch_same_in_every_process"]
     results = attach_ratios([{"framework": "torch", "path": "lab-loop", "model": "net", "batch_size": 64,
                               "samples_per_second": 50.0, "eval_samples_per_second": 1.0,
                               "epoch_seconds": [2.0] * 12}] + merged)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -226,8 +227,8 @@ def test_two_processes_equal_one_process(two_processes):
     assert config["config"]["devices"] is None and jax.process_count() == 1
 
 
-def test_two_process_run_resumes_in_one_process(two_processes):
-    two, _ = two_processes
+def test_two_process_run_resumes_in_one_process(two_processes, tmp_path):
+    two = shutil.copytree(two_processes[0], tmp_path / "two")  # the module's run stays as the other tests read it
     assert main(["train", "--out", str(two), "--resume", "--epochs", "3", "--quiet"]) == 0
     assert [json.loads(line)["epoch"] for line in (two / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -150,17 +151,18 @@ def test_members_really_differ(two_sweeps):
             assert _max_diff(states[i].params, states[j].params) > 1e-4
 
 
-def test_a_vmap_member_evaluates_and_resumes_like_a_train_run(two_sweeps):
+def test_a_vmap_member_evaluates_and_resumes_like_a_train_run(two_sweeps, tmp_path):
     from flaxcnn.train.loop import fit
 
     root, reports = two_sweeps
-    run = root / "vmap" / reports["vmap"]["members"][-1]["run_dir"]
+    # a copy: the module's sweep stays as the other tests read it
+    run = shutil.copytree(root / "vmap" / reports["vmap"]["members"][-1]["run_dir"], tmp_path / "member")
     session, state, epoch = load_run(run, dataset=_dataset())  # restores into sgd(lr, momentum, wd)'s layout
     summary = json.loads((run / "summary.json").read_text())
     assert epoch == 2
     assert session.evaluate(state, "test")["accuracy"] == pytest.approx(summary["test_accuracy"])
     config = TrainConfig.from_json(json.loads((run / "config.json").read_text())["config"])
-    resumed = fit(dataclasses.replace(config, epochs=3), resume=True, quiet=True, dataset=_dataset())
+    resumed = fit(dataclasses.replace(config, epochs=3, out=str(run)), resume=True, quiet=True, dataset=_dataset())
     assert resumed["epochs"] == 3
 
 

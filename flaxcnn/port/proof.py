@@ -1,0 +1,444 @@
+"""The proof that a ported NNX module computes what its PyTorch module computes, in float32 and float64.
+
+:func:`prove` runs both on the same weights and input and compares, per dtype:
+
+==================  ==========================================================================
+``forward``         eval-mode outputs
+``train_forward``   train-mode outputs, PyTorch's random draws replayed (:mod:`flaxcnn.port.draws`)
+``grads``           the gradient of the loss with respect to every parameter (one train-mode pass)
+``buffers``         every buffer (BatchNorm's running statistics and counter) after one SGD step
+``steps``           w_k - w_0 of every parameter and buffer over ``steps`` SGD steps, fresh draws at
+                    every step replayed into the port's jitted step (the draws are its arguments)
+==================  ==========================================================================
+
+float32 runs JAX at full matmul precision, float64 runs PyTorch's ``.double()`` copy against the
+port built with ``jnp.float64`` inside ``jax.enable_x64`` (both scoped to the proof). The loss
+follows the output (:func:`choose_loss`). Per tensor, ``ratio = max|flax - torch| / max|torch|``
+(against the tolerance as an absolute difference where the PyTorch tensor is all zeros), so a
+wrong tensor with small values is not hidden by a large one; each part reports its worst tensor.
+Parameters are compared in PyTorch's layout (:func:`flaxcnn.convert.to_numpy_state_dict`).
+
+When a part is over tolerance, the first divergent layer is named by
+:func:`parity.layers.compare_layers` (float32), or, where it cannot say (an MSE loss, draws it
+does not replay, a divergence only float64 shows), by the first layer in PyTorch's
+``named_modules`` order whose parameter gradients or buffers are over tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+from flax import nnx
+
+from flaxcnn import convert
+from flaxcnn.errors import ConfigError
+from flaxcnn.port.draws import TorchDraws, replaying
+from parity.losses import Loss, flax_loss, torch_loss
+from parity.precision import full_precision
+
+DTYPES = ("float32", "float64")
+PARTS = ("forward", "train_forward", "grads", "buffers", "steps")
+
+#: the largest accepted max|flax - torch| / max|torch| of a tensor, per dtype and part
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float32": {"forward": 1e-5, "train_forward": 1e-5, "grads": 1e-4, "buffers": 1e-5, "steps": 1e-4},
+    "float64": {part: 1e-10 for part in PARTS},
+}
+
+#: a tensor far smaller than the largest of its part (the gradient of a conv bias before BatchNorm,
+#: zero but for rounding) is measured against this many rounding errors (eps of the dtype) of the
+#: part's largest value instead of its own size: both sides hold only rounding noise there
+NOISE_ULPS = 16
+
+#: a 2-D output whose rows' logsumexp are all within this of 0 holds log-probabilities
+LOG_PROB_ATOL = 1e-4
+
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_JAX_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+
+
+class ProofError(ConfigError):
+    """The two modules cannot be compared (their tensors do not correspond one to one)."""
+
+
+def choose_loss(torch_output: torch.Tensor) -> str:
+    """'nll' for a 2-D output whose rows are log-probabilities (logsumexp == 0 within 1e-4),
+    'cross_entropy' for any other 2-D output (logits), 'mse' for any other rank (against a fixed
+    random target drawn from the proof's seed)."""
+    out = torch_output.detach()
+    if out.dim() != 2:
+        return "mse"
+    lse = torch.logsumexp(out.double(), dim=1)
+    return "nll" if bool(torch.all(lse.abs() <= LOG_PROB_ATOL)) else "cross_entropy"
+
+
+# ------------------------------------------------------------------------------- the result
+
+
+@dataclass
+class Proof:
+    """The verdict and, per dtype and part, the worst tensor (see the module docstring)."""
+
+    passed: bool
+    first_divergent_layer: str | None
+    loss: str
+    parts: dict  # {dtype: {part: {"max_abs_diff", "max_abs_ref", "tensor", "ratio", "tol", "passed"}}}
+    settings: dict = field(default_factory=dict)  # steps, lr, seed
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        """What ``DIR/parity.json`` holds (non-finite numbers written as strings)."""
+        return {
+            "passed": self.passed,
+            "first_divergent_layer": self.first_divergent_layer,
+            "loss": self.loss,
+            **{dtype: {part: {k: _json_number(v) for k, v in row.items()} for part, row in self.parts[dtype].items()}
+               for dtype in DTYPES if dtype in self.parts},
+            "tolerances": {dtype: dict(TOLERANCES[dtype]) for dtype in DTYPES},
+            "settings": dict(self.settings),
+            "notes": list(self.notes),
+        }
+
+    def format(self) -> str:
+        """The printed report: one row per part and dtype, then the verdict."""
+        header = ("part", "dtype", "max|Δ|", "max|ref|", "ratio", "tol", "tensor", "")
+        rows = [header]
+        for part in PARTS:
+            for dtype in DTYPES:
+                r = self.parts.get(dtype, {}).get(part)
+                if r is None:
+                    continue
+                floored = "*" if r.get("scale", 0.0) > r["max_abs_ref"] else ""
+                rows.append((part, dtype, _num(r["max_abs_diff"]), _num(r["max_abs_ref"]), _num(r["ratio"]) + floored,
+                             _num(r["tol"]), r["tensor"] or "-", "PASS" if r["passed"] else "FAIL"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if any(r.get("scale", 0.0) > r["max_abs_ref"] for d in self.parts.values() for r in d.values()):
+            lines.append(f"* measured against the part's noise floor ({NOISE_ULPS} rounding errors of its largest "
+                         "value, over the tolerance), not the tensor's own max|ref|")
+        lines.append(f"loss: {self.loss}; proof {'PASSED' if self.passed else 'FAILED'}")
+        lines.append(f"first divergent layer: {self.first_divergent_layer or 'none'}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    return f"{value:.2e}" if math.isfinite(value) else str(value)
+
+
+def _json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+# ------------------------------------------------------------------------------- comparison
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """One tensor compared: max|flax - torch| and max|torch|."""
+
+    diff: float
+    ref: float
+
+
+def tensor_diff(flax_value, torch_value) -> TensorDiff:
+    """Both in float64; a shape mismatch is an infinite difference."""
+    f = np.asarray(flax_value, np.float64)
+    t = np.asarray(torch_value.detach().cpu().numpy() if isinstance(torch_value, torch.Tensor) else torch_value,
+                   np.float64)
+    if f.shape != t.shape:
+        return TensorDiff(math.inf, float(np.max(np.abs(t))) if t.size else 0.0)
+    if t.size == 0:
+        return TensorDiff(0.0, 0.0)
+    return TensorDiff(float(np.max(np.abs(f - t))), float(np.max(np.abs(t))))
+
+
+def noise_floor(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> float:
+    """The smallest scale a tensor of this part is measured against: :data:`NOISE_ULPS` rounding
+    errors of the part's largest PyTorch value, divided by the tolerance (so that a tensor
+    below it passes when it differs by at most that many rounding errors of the part's scale)."""
+    scale = max((d.ref for d in diffs.values() if math.isfinite(d.ref)), default=0.0)
+    return scale * NOISE_ULPS * float(np.finfo(dtype).eps) / TOLERANCES[dtype][part]
+
+
+def ratios(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict[str, tuple[float, float]]:
+    """Per tensor, (scale, ratio): scale is max(max|torch|, the part's noise floor); ratio is
+    max|diff| / scale (max|diff| itself where the scale is 0)."""
+    floor = noise_floor(diffs, dtype, part)
+    out = {}
+    for name, d in diffs.items():
+        scale = max(d.ref, floor)
+        out[name] = (scale, math.nan if math.isnan(d.diff) else (d.diff / scale if scale > 0 else d.diff))
+    return out
+
+
+def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict:
+    """The worst tensor of a part (largest ratio; NaN counts as the worst) as the report holds it."""
+    tol = TOLERANCES[dtype][part]
+    if not diffs:
+        return {"max_abs_diff": 0.0, "max_abs_ref": 0.0, "tensor": None, "ratio": 0.0, "tol": tol, "passed": True,
+                "scale": 0.0}
+    measured = ratios(diffs, dtype, part)
+    name = max(measured, key=lambda k: math.inf if math.isnan(measured[k][1]) else measured[k][1])
+    scale, ratio = measured[name]
+    return {"max_abs_diff": diffs[name].diff, "max_abs_ref": diffs[name].ref, "tensor": name, "ratio": ratio,
+            "tol": tol, "passed": bool(ratio <= tol), "scale": scale}
+
+
+def over_tolerance(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> list[str]:
+    """The tensors of a part whose ratio is over tolerance (or NaN)."""
+    tol = TOLERANCES[dtype][part]
+    return [name for name, (_, ratio) in ratios(diffs, dtype, part).items() if not ratio <= tol]
+
+
+# ------------------------------------------------------------------------------- the two sides
+
+
+@dataclass
+class SideRun:
+    """What one side computed, every tensor in PyTorch's layout and keys."""
+
+    forward: np.ndarray
+    train_forward: np.ndarray
+    grads: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray]  # after one step
+    deltas: dict[str, np.ndarray]  # w_k - w_0, parameters and buffers
+    draws: list[list] = field(default_factory=list)  # per step, then the eval pass, the draws (torch side)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The torch.Generator seed of step ``step``'s draws: distinct per (seed, step)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss: Loss, *, steps: int,
+              lr: float, seed: int) -> SideRun:
+    """PyTorch's side on ``model`` (modified: pass a copy): eval forward, then ``steps`` SGD steps."""
+    model.eval()
+    with torch.no_grad(), TorchDraws(torch.Generator().manual_seed(step_seed(seed, steps))) as mode:
+        forward = _numpy(model(x))
+    eval_draws = mode.draws  # none for dropout and stochastic depth; replayed all the same
+    model.train()
+    param_names = [n for n, _ in model.named_parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    w0 = {k: _numpy(v) for k, v in model.state_dict().items()}
+    draws, train_forward, grads, buffers = [], None, {}, {}
+    for k in range(steps):
+        with TorchDraws(torch.Generator().manual_seed(step_seed(seed, k))) as mode:
+            out = model(x)
+        draws.append(mode.draws)
+        opt.zero_grad(set_to_none=True)
+        torch_loss(loss, out, target).backward()
+        if k == 0:
+            train_forward = _numpy(out)
+            grads = {n: _numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        if k == 0:
+            buffers = {n: _numpy(v) for n, v in model.state_dict().items() if n not in param_names}
+    deltas = {n: _numpy(v).astype(np.float64) - w0[n].astype(np.float64) for n, v in model.state_dict().items()}
+    return SideRun(forward, train_forward, grads, buffers, deltas, draws + [eval_draws])
+
+
+def train_step(graphdef: nnx.GraphDef, loss: Loss, lr: float) -> Callable:
+    """The port's jitted SGD step: ``step(params, rest, masks, x, target) -> (params, rest, out, grads)``.
+
+    ``masks`` (the step's random draws, NNX layout, call order) are arguments of the jitted
+    function, so each call replays its own; ``rest`` holds the buffers and RNG state."""
+    tx = optax.sgd(lr)
+
+    def step(params, rest, masks, x, target):
+        def loss_fn(params, rest):
+            model = nnx.merge(graphdef, params, rest, copy=True)  # variables of this trace
+            with replaying(model, masks):
+                out = model(x)
+            _, _, new_rest = nnx.split(model, nnx.Param, ...)
+            return flax_loss(loss, out, target), (out, new_rest)
+
+        (_, (out, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return optax.apply_updates(params, updates), new_rest, out, grads
+
+    return jax.jit(step)
+
+
+def _torch_keyed(graphdef: nnx.GraphDef, params, rest) -> dict[str, np.ndarray]:
+    return dict(convert.to_numpy_state_dict(nnx.merge(graphdef, params, rest)))
+
+
+def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, draws: list[list], *,
+             param_names: list[str], steps: int, lr: float) -> SideRun:
+    """The port's side, replaying ``draws`` (PyTorch's, per step): the same passes as :func:`run_torch`."""
+    model.eval()
+    eval_graphdef, state = nnx.split(model)
+
+    def evaluate(state, masks, x):
+        model = nnx.merge(eval_graphdef, state)
+        with replaying(model, masks):
+            return model(x)
+
+    forward = np.asarray(jax.jit(evaluate)(state, [jnp.asarray(d.nnx_layout()) for d in draws[steps]], x))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    step = train_step(graphdef, loss, lr)
+    w0 = _torch_keyed(graphdef, params, rest)
+    train_forward, grads, buffers = None, {}, {}
+    for k in range(steps):
+        masks = [jnp.asarray(d.nnx_layout()) for d in draws[k]]
+        params, rest, out, g = step(params, rest, masks, x, target)
+        if k == 0:
+            train_forward = np.asarray(out)
+            grads = {n: v for n, v in _torch_keyed(graphdef, g, rest).items() if n in param_names}
+            buffers = {n: v for n, v in _torch_keyed(graphdef, params, rest).items() if n not in param_names}
+    final = _torch_keyed(graphdef, params, rest)
+    deltas = {n: final[n].astype(np.float64) - w0[n].astype(np.float64) for n in final}
+    return SideRun(forward, train_forward, grads, buffers, deltas)
+
+
+# ------------------------------------------------------------------------------- the proof
+
+
+def _targets(loss: str, out_shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Labels (cross-entropy, NLL) or a target of the output's shape (MSE), drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    if loss == "mse":
+        return rng.standard_normal(out_shape)
+    return rng.integers(0, out_shape[1], size=out_shape[0])
+
+
+def _check_keys(what: str, flax_keys, torch_keys) -> None:
+    missing, extra = sorted(set(torch_keys) - set(flax_keys)), sorted(set(flax_keys) - set(torch_keys))
+    if missing or extra:
+        raise ProofError(f"the port's {what} do not correspond to the torch module's: "
+                         + (f"missing {', '.join(missing)}" if missing else "")
+                         + ("; " if missing and extra else "") + (f"unexpected {', '.join(extra)}" if extra else ""))
+
+
+def compare_runs(flax_run: SideRun, torch_run: SideRun) -> dict[str, dict[str, TensorDiff]]:
+    """Per part, per tensor, the differences."""
+    for what, f, t in (("parameters", flax_run.grads, torch_run.grads),
+                       ("buffers", flax_run.buffers, torch_run.buffers),
+                       ("tensors", flax_run.deltas, torch_run.deltas)):
+        _check_keys(what, f, t)
+    return {
+        "forward": {"output": tensor_diff(flax_run.forward, torch_run.forward)},
+        "train_forward": {"output": tensor_diff(flax_run.train_forward, torch_run.train_forward)},
+        "grads": {k: tensor_diff(flax_run.grads[k], v) for k, v in torch_run.grads.items()},
+        "buffers": {k: tensor_diff(flax_run.buffers[k], v) for k, v in torch_run.buffers.items()},
+        "steps": {k: tensor_diff(flax_run.deltas[k], v) for k, v in torch_run.deltas.items()},
+    }
+
+
+def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module], x: np.ndarray,
+                 dtype: str, loss: Loss, target: np.ndarray, *, steps: int, lr: float, seed: int
+                 ) -> tuple[dict[str, dict[str, TensorDiff]], list[list]]:
+    tmodel = copy.deepcopy(torch_module).to(_TORCH_DTYPES[dtype])
+    x_t = torch.from_numpy(x.astype(dtype))
+    target_t = torch.from_numpy(target.astype(dtype) if loss == "mse" else target.astype(np.int64))
+    torch_run = run_torch(tmodel, x_t, target_t, loss, steps=steps, lr=lr, seed=seed)
+    param_names = [n for n, _ in tmodel.named_parameters()]
+    fmodel = build_flax(_JAX_DTYPES[dtype])
+    target_f = jnp.asarray(target.astype(dtype) if loss == "mse" else target.astype(np.int32))
+    flax_run = run_flax(fmodel, jnp.asarray(x.astype(dtype)), target_f, loss, torch_run.draws,
+                        param_names=param_names, steps=steps, lr=lr)
+    return compare_runs(flax_run, torch_run), torch_run.draws
+
+
+def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module],
+          example_input: np.ndarray, *, steps: int = 3, lr: float = 0.01, seed: int = 0) -> Proof:
+    """build_flax(dtype) -> a fresh NNX module of the port, holding torch_module's current weights
+    converted to dtype (jnp.float32 or jnp.float64; it is called inside the proof's float64 scope
+    for float64). torch_module is not modified (deep-copied, .double() for float64).
+    example_input: one NCHW batch (numpy)."""
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1 (the buffers are compared after one step), got {steps}")
+    x = np.asarray(example_input.detach().cpu().numpy() if isinstance(example_input, torch.Tensor)
+                   else example_input)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ConfigError(f"example_input must be a floating-point NCHW batch, got dtype {x.dtype}")
+    probe = copy.deepcopy(torch_module).float().eval()
+    with torch.no_grad(), TorchDraws(torch.Generator().manual_seed(seed)):
+        loss: Loss = choose_loss(probe(torch.from_numpy(x.astype(np.float32))))  # type: ignore[assignment]
+        out_shape = tuple(probe(torch.from_numpy(x.astype(np.float32))).shape)
+    target = _targets(loss, out_shape, seed)
+
+    diffs: dict[str, dict[str, dict[str, TensorDiff]]] = {}
+    draws: dict[str, list[list]] = {}
+    with full_precision():
+        diffs["float32"], draws["float32"] = _prove_dtype(torch_module, build_flax, x, "float32", loss, target,
+                                                          steps=steps, lr=lr, seed=seed)
+        with jax.enable_x64(True):
+            diffs["float64"], draws["float64"] = _prove_dtype(torch_module, build_flax, x, "float64", loss,
+                                                              target, steps=steps, lr=lr, seed=seed)
+    parts = {dtype: {part: part_summary(diffs[dtype][part], dtype, part) for part in PARTS}
+             for dtype in DTYPES}
+    passed = all(row["passed"] for dtype in DTYPES for row in parts[dtype].values())
+    first = None
+    notes: list[str] = []
+    if not passed:
+        first, notes = first_divergent_layer(torch_module, build_flax, x, target, loss, diffs, draws["float32"],
+                                             seed=seed)
+    return Proof(passed, first, loss, parts, {"steps": steps, "lr": lr, "seed": seed}, notes)
+
+
+# ------------------------------------------------------------------------------- the divergent layer
+
+
+def first_divergent_layer(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module], x: np.ndarray,
+                          target: np.ndarray, loss: str, diffs: Mapping[str, Mapping[str, Mapping[str, TensorDiff]]],
+                          draws: list[list], *, seed: int) -> tuple[str | None, list[str]]:
+    """The layer a failed proof points at, and notes on how it was found."""
+    notes = []
+    replayable = all(d.source.startswith("F.") for step in draws for d in step)
+    if loss in ("cross_entropy", "nll") and replayable:
+        from parity.layers import compare_layers
+
+        try:
+            fmodel = build_flax(jnp.float32)
+            # flaxcnn's own models flatten NHWC maps and permute the Linear's rows (nchw_flatten);
+            # ports flatten in PyTorch's order (flaxcnn.models.nn.Flatten)
+            flatten = "nhwc" if getattr(fmodel, "nchw_flatten", None) else "nchw"
+            report = compare_layers(copy.deepcopy(torch_module).float(), fmodel, x.astype(np.float32), target,
+                                    loss=loss, seed=seed, flax_flatten=flatten)
+        except Exception as error:  # noqa: BLE001 - any failure falls back to the tensors' verdict
+            notes.append(f"layer report failed ({type(error).__name__}: {error}); layer found from the tensors")
+        else:
+            if report.first_divergence is not None:
+                row = next((r for r in report.rows if r.label == report.first_divergence), None)
+                notes.append(f"layer report: {report.divergence_kind} divergence at {report.first_divergence}")
+                return (row.name if row else report.first_divergence), notes
+            notes.append("layer report (float32) found no divergent layer; layer found from the tensors")
+    else:
+        notes.append("layer found from the tensors (the layer report takes cross-entropy/NLL losses and "
+                     "replays dropout modules only)")
+    return _first_layer_over_tolerance(torch_module, diffs), notes
+
+
+def _first_layer_over_tolerance(torch_module: torch.nn.Module,
+                                diffs: Mapping[str, Mapping[str, Mapping[str, TensorDiff]]]) -> str | None:
+    """The first module, in ``named_modules`` order, with a parameter gradient or buffer over tolerance."""
+    for dtype in DTYPES:
+        over = {k.rpartition(".")[0] for part in ("grads", "buffers", "steps")
+                for k in over_tolerance(diffs[dtype][part], dtype, part)}
+        for name, _ in torch_module.named_modules():
+            if name in over:
+                return name
+    return None
+
+
+__all__ = ["DTYPES", "PARTS", "TOLERANCES", "Proof", "ProofError", "choose_loss", "prove", "train_step"]

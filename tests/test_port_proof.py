@@ -1,0 +1,315 @@
+"""The port's proof passes on equal modules, in float32 and float64, and fails on planted bugs, naming the layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn as tnn
+from flax import nnx
+
+from flaxcnn import convert
+from flaxcnn.models import nn as N
+from flaxcnn.models.registry import get_model
+from flaxcnn.port.draws import DrawMismatchError, Draw, UnreplayableDrawError
+from flaxcnn.port.proof import DTYPES, PARTS, TOLERANCES, Proof, choose_loss, prove, train_step
+
+
+# ------------------------------------------------------------------------------- hand-written pairs
+
+
+class TorchSmall(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = tnn.BatchNorm2d(4)
+        self.relu = tnn.ReLU()
+        self.pool = tnn.MaxPool2d(2)
+        self.conv2 = tnn.Conv2d(4, 4, 3, padding=1)
+        self.drop = tnn.Dropout(0.25)
+        self.fc = tnn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.conv2(x))
+        return self.fc(self.drop(torch.flatten(x, 1)))
+
+
+class FlaxSmall(nnx.Module):
+    """TorchSmall with flaxcnn's layers, attribute by attribute."""
+
+    def __init__(self, dtype=jnp.float32, *, dropout=None, rngs: nnx.Rngs):
+        self.conv1 = N.Conv2d(3, 4, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.bn1 = N.BatchNorm2d(4, dtype=dtype)
+        self.relu = N.ReLU()
+        self.pool = N.MaxPool2d(2)
+        self.conv2 = N.Conv2d(4, 4, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.drop = dropout if dropout is not None else N.Dropout(0.25, rngs=rngs)
+        self.flatten = N.Flatten()
+        self.fc = N.Linear(4 * 4 * 4, 5, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = N.nchw_to_nhwc(x)
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.conv2(x))
+        return self.fc(self.drop(self.flatten(x)))
+
+
+def _input(shape=(6, 3, 8, 8), seed=1):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _small_pair(plant=None):
+    torch.manual_seed(0)
+    tmodel = TorchSmall()
+
+    def build(dtype):
+        model = FlaxSmall(dtype, rngs=nnx.Rngs(0))
+        model = convert.load_torch_state_dict(model, tmodel.state_dict())
+        return plant(model) if plant is not None else model
+
+    return tmodel, build
+
+
+def _assert_within_tolerances(proof: Proof):
+    for dtype in DTYPES:
+        for part in PARTS:
+            row = proof.parts[dtype][part]
+            assert row["tol"] == TOLERANCES[dtype][part]
+            assert row["ratio"] <= row["tol"], (dtype, part, row)
+            assert row["passed"]
+
+
+def test_a_hand_written_port_passes_in_both_dtypes():
+    tmodel, build = _small_pair()
+    before = {k: v.clone() for k, v in tmodel.state_dict().items()}
+    proof = prove(tmodel, build, _input())
+    assert proof.passed, proof.format()
+    assert proof.first_divergent_layer is None and proof.loss == "cross_entropy"
+    _assert_within_tolerances(proof)
+    assert TOLERANCES["float64"]["grads"] == 1e-10 and TOLERANCES["float32"]["grads"] == 1e-4
+    assert TOLERANCES["float32"]["forward"] == 1e-5 and TOLERANCES["float32"]["buffers"] == 1e-5
+    # every tensor took part: the worst buffer is a BatchNorm statistic, the worst step a real change
+    assert proof.parts["float32"]["buffers"]["tensor"].startswith("bn1.")
+    assert proof.parts["float64"]["forward"]["ratio"] < 1e-13  # float64 really ran in float64
+    # the torch module is not modified
+    assert tmodel.training and all(torch.equal(v, before[k]) for k, v in tmodel.state_dict().items())
+    text = proof.format()
+    assert "first divergent layer: none" in text and "verdict: passed" in text
+    assert sum(line.endswith("PASS") for line in text.splitlines()) == 10 and "FAIL" not in text
+
+
+def test_as_json_holds_what_parity_json_needs():
+    tmodel, build = _small_pair()
+    data = prove(tmodel, build, _input(), steps=1).as_json()
+    assert {"passed", "first_divergent_layer", "loss", "float32", "float64", "tolerances"} <= set(data)
+    for dtype in DTYPES:
+        assert set(data[dtype]) == set(PARTS)
+        for row in data[dtype].values():
+            assert {"max_abs_diff", "max_abs_ref", "tensor", "ratio", "tol", "passed"} <= set(row)
+    assert data["tolerances"]["float64"]["steps"] == 1e-10
+    import json
+
+    json.dumps(data, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------- registered mirrors
+
+
+def _in_dtype(model: nnx.Module, dtype) -> nnx.Module:
+    """A registered model's floating-point variables cast to ``dtype`` (its layers compute in
+    their variables' dtype; its float32 input cast is exact for a float32 example input)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
+    return model
+
+
+@pytest.mark.parametrize("name", ["net-dropout", "net-batchnorm"])
+def test_registered_mirrors_pass(name):
+    spec = get_model(name)
+    torch.manual_seed(0)
+    tmodel = spec.build_torch()
+
+    def build(dtype):
+        return convert.load_torch_state_dict(_in_dtype(spec.build(seed=0), dtype), tmodel.state_dict())
+
+    proof = prove(tmodel, build, _input(spec.example_shape(4)), steps=2)
+    assert proof.passed, proof.format()
+    _assert_within_tolerances(proof)
+
+
+# ------------------------------------------------------------------------------- planted bugs
+
+
+def _kernel_transposed(model):
+    model.conv2.kernel[...] = jnp.swapaxes(model.conv2.kernel[...], 0, 1)  # kh <-> kw
+    return model
+
+
+def _momentum_changed(model):
+    model.bn1.momentum = 0.2
+    return model
+
+
+def _mask_not_replayed(model):
+    model.drop = nnx.Dropout(0.25, rngs=nnx.Rngs(dropout=3))  # Flax's own: draws its own masks
+    return model
+
+
+@pytest.mark.parametrize("plant, layer, failing", [
+    (_kernel_transposed, "conv2", "forward"),
+    (_momentum_changed, "bn1", "buffers"),
+    (_mask_not_replayed, "drop", "train_forward"),
+])
+def test_a_planted_bug_fails_and_names_the_layer(plant, layer, failing):
+    tmodel, build = _small_pair(plant)
+    proof = prove(tmodel, build, _input(), steps=2)
+    assert not proof.passed
+    assert proof.first_divergent_layer == layer, proof.format()
+    for dtype in DTYPES:
+        assert not proof.parts[dtype][failing]["passed"]
+    if plant is _momentum_changed:  # only the statistics differ
+        assert all(proof.parts[d][p]["passed"] for d in DTYPES for p in ("forward", "train_forward", "grads"))
+    if plant is _mask_not_replayed:
+        assert any("replayed 0" in note for note in proof.notes), proof.notes
+    assert f"first divergent layer: {layer}" in proof.format()
+
+
+# ------------------------------------------------------------------------------- stochastic depth
+
+
+class TorchStochasticDepth(tnn.Module):
+    """A residual block with torchvision-style stochastic depth (survival 0.8), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv2d(3, 3, 3, padding=1)
+        self.fc = tnn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x):
+        out = torch.tanh(self.conv(x))
+        if self.training:
+            keep = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(0.8)
+            out = out * keep / 0.8
+        x = x + out
+        return torch.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
+
+
+class FlaxStochasticDepth(nnx.Module):
+    def __init__(self, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.conv = N.Conv2d(3, 3, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.fc = N.Linear(3 * 4 * 4, 4, dtype=dtype, rngs=rngs)
+        self.keep = N.Bernoulli(rngs=rngs)
+        self.flatten = N.Flatten()
+        self.deterministic = False  # set by .train() / .eval()
+
+    def __call__(self, x):
+        x = N.nchw_to_nhwc(x)
+        out = jnp.tanh(self.conv(x))
+        if not self.deterministic:
+            out = out * self.keep((x.shape[0], 1, 1, 1), 0.8, x.dtype) / 0.8
+        x = x + out
+        return jax.nn.log_softmax(self.fc(self.flatten(x)), axis=1)
+
+
+def test_stochastic_depth_passes_with_its_draws_replayed():
+    torch.manual_seed(0)
+    tmodel = TorchStochasticDepth()
+
+    def build(dtype):
+        return convert.load_torch_state_dict(FlaxStochasticDepth(dtype, rngs=nnx.Rngs(0)), tmodel.state_dict())
+
+    x = _input((16, 3, 4, 4))
+    proof = prove(tmodel, build, x, steps=2)
+    assert proof.passed, proof.format()
+    assert proof.loss == "nll"
+    _assert_within_tolerances(proof)
+    # the draws mattered: without them (eval mode) the outputs differ
+    assert proof.parts["float32"]["train_forward"]["max_abs_ref"] != proof.parts["float32"]["forward"]["max_abs_ref"]
+
+
+# ------------------------------------------------------------------------------- jitted replay
+
+
+def test_the_jitted_step_takes_each_steps_masks_as_arguments():
+    """A replay fixed at trace time would repeat the first mask: here two masks give two results,
+    from one trace."""
+    model = FlaxSmall(rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    taken = []
+    step = train_step(graphdef, "cross_entropy", 0.01, on_trace=lambda used, given: taken.append((used, given)))
+    x = jnp.asarray(_input())
+    y = jnp.asarray(np.arange(6) % 5, jnp.int32)
+    rng = np.random.default_rng(0)
+    masks = [rng.random((6, 64)) < 0.75 for _ in range(2)]
+    assert not np.array_equal(masks[0], masks[1])
+    outs = [step(params, rest, [jnp.asarray(m)], x, y) for m in (masks[0], masks[1], masks[0])]
+    assert taken == [(1, 1)]  # traced once, the one dropout took the mask
+    assert step._cache_size() == 1
+    out_a, out_b, out_a_again = (np.asarray(o[2]) for o in outs)
+    assert not np.allclose(out_a, out_b)
+    np.testing.assert_array_equal(out_a, out_a_again)
+    ga, gb = (np.asarray(o[3]["fc"]["kernel"][...]) for o in outs[:2])
+    # fc's input features that the mask dropped get no gradient: each step's own mask
+    for g, m in zip((ga, gb), masks):
+        dropped_everywhere = ~m.any(axis=0)
+        assert np.all(g[dropped_everywhere] == 0)
+        assert np.any(g[~dropped_everywhere] != 0)
+
+
+def test_draw_layout_for_the_nnx_side():
+    mask = np.zeros((2, 3, 1, 1), bool)
+    mask[0, 1] = True
+    assert Draw("F.dropout2d", mask).nnx_layout().shape == (2, 1, 1, 3)
+    assert Draw("F.dropout2d", mask).nnx_layout()[0, 0, 0, 1]
+    assert Draw("F.dropout", np.ones((2, 5), bool)).nnx_layout().shape == (2, 5)
+
+
+# ------------------------------------------------------------------------------- errors and the loss
+
+
+def test_a_draw_of_another_shape_is_an_error_naming_the_layer():
+    with pytest.raises(DrawMismatchError, match=r"drop \(Dropout2d\).*\(6, 1, 1, 2\).*\(6, 8, 8, 2\)"):
+        prove(_Conv4dDropout(), _build_conv4d_dropout2d, _input(), steps=1)
+
+
+class _Conv4dDropout(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv2d(3, 2, 1)
+        self.drop = tnn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.conv(x)).mean(dim=(2, 3))
+
+
+def _build_conv4d_dropout2d(dtype):
+    class Port(nnx.Module):
+        def __init__(self):
+            self.conv = N.Conv2d(3, 2, 1, dtype=dtype, rngs=nnx.Rngs(0))
+            self.drop = N.Dropout2d(0.5, rngs=nnx.Rngs(1))  # a channel mask where torch drops elements
+
+        def __call__(self, x):
+            return jnp.mean(self.drop(self.conv(N.nchw_to_nhwc(x))), axis=(1, 2))
+
+    return Port()
+
+
+def test_an_unreplayable_draw_is_refused():
+    class Noisy(tnn.Module):
+        def forward(self, x):
+            return (x + torch.randn_like(x)).flatten(1)
+
+    with pytest.raises(UnreplayableDrawError, match="torch.randn_like"):
+        prove(Noisy(), lambda dtype: None, _input(), steps=1)
+
+
+def test_choose_loss_follows_the_output():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    assert choose_loss(logits) == "cross_entropy"
+    assert choose_loss(torch.log_softmax(logits, dim=1)) == "nll"
+    assert choose_loss(torch.log_softmax(logits, dim=1).double()) == "nll"
+    assert choose_loss(torch.softmax(logits, dim=1)) == "cross_entropy"
+    assert choose_loss(torch.zeros(2, 1, 8, 8)) == "mse"
+    assert choose_loss(torch.zeros(4)) == "mse"

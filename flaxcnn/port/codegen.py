@@ -1,0 +1,450 @@
+"""A captured model -> the text of ``model.py``: one NNX class per torch class.
+
+Each custom-module instance gets its code from :class:`flaxcnn.port.ops.Body` (both modes) and
+its ``__init__`` from its children. Instances of one torch class whose code has the same
+structure become one NNX class; the literals they are configured with (:class:`~flaxcnn.port.
+ops.Slots`) stay literals where every instance agrees and become ``__init__`` arguments where
+they differ, one argument per distinct vector of values across instances, named after the
+torch class's ``__init__`` parameter holding that value (``getattr(instance, name)``) when there
+is one, else after the first layer option it sets (``conv1_out_channels``). Instances whose
+code differs in structure (a block with a downsample and one without) become numbered variants
+(``BasicBlock``, ``BasicBlock2``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from flaxcnn.port.capture import Capture, Instance, is_custom
+from flaxcnn.port.errors import UnsupportedModelError, UnsupportedNode
+from flaxcnn.port.layers import compact, layer_spec
+from flaxcnn.port.ops import (REQUIRED, RESERVED, SUPPORTED, TOKEN_RE, Body, ChildCtor, ContainerCtor, FnAttrs,
+                              LayerCtor, Slots, layer_ctor, rank_of)
+
+INDENT = "    "
+MAX_LINE = 110
+
+
+def literal_text(value) -> str:
+    if isinstance(value, float) and value != value:
+        return "float('nan')"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return f"float({str(value)!r})"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(literal_text(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
+def _key(value) -> str:
+    """Equality of slot values that tells True from 1 and 1 from 1.0."""
+    return f"{type(value).__name__}:{value!r}"
+
+
+@dataclass
+class InstanceCode:
+    inst: Instance
+    slots: Slots
+    init: list[tuple[str, object]]  # (attribute, ctor) in torch's child order, then functional attrs
+    params: list[str]
+    lines: list[str]  # __call__ body, slot tokens inside
+    deterministic: bool
+    uses_f: bool
+    uses_jax: bool
+    signature: str = ""
+    children_done: bool = False
+
+
+@dataclass
+class Arg:
+    name: str
+    slots: list[int]
+    stored: bool = False  # used in __call__: kept as self.<name>
+
+
+@dataclass
+class Variant:
+    name: str
+    torch_class: type
+    codes: list[InstanceCode]
+    is_top: bool
+    args: list[Arg] = field(default_factory=list)
+    literal: dict[int, str] = field(default_factory=dict)  # slot -> text where constant
+    omitted: set[int] = field(default_factory=set)  # constant default keyword slots
+    lifted: bool = False
+
+
+class Generator:
+    """Builds every instance's code, groups variants, lifts arguments and renders the file."""
+
+    def __init__(self, capture: Capture, class_name: str | None, loss: str):
+        self.capture, self.loss = capture, loss
+        self.top_name = class_name or type(capture.root).__name__
+        self.unsupported: list[UnsupportedNode] = []
+        self.codes: dict[str, InstanceCode] = {}
+        self.variants: list[Variant] = []
+        self.variant_of: dict[str, Variant] = {}
+
+    # --- per instance -------------------------------------------------------------------------
+
+    def call_rank(self, inst: Instance, target: str) -> int | None:
+        for graph in inst.graphs.values():
+            for node in graph.nodes:
+                if node.op == "call_module" and node.target == target and node.args:
+                    return rank_of(node.args[0])
+        return None
+
+    def ctor(self, inst: Instance, module: nn.Module, target: str, slots: Slots):
+        path = inst.child_path(target)
+        if isinstance(module, nn.Sequential):
+            return ContainerCtor("Sequential", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
+                                                for n, m in module.named_children()])
+        if isinstance(module, nn.ModuleList):
+            return ContainerCtor("List", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
+                                          for n, m in module.named_children()])
+        if isinstance(module, nn.ModuleDict):
+            return ContainerCtor("Dict", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
+                                          for n, m in module.named_children()])
+        if is_custom(module):
+            return ChildCtor(path)
+        if layer_spec(module) is None:
+            called = any(n.op == "call_module" and n.target == target for g in inst.graphs.values() for n in g.nodes)
+            if not called:  # a called one is reported where it is called, with its source line
+                t = type(module)
+                self.unsupported.append(UnsupportedNode(inst.path, f"module {path} ({t.__module__}.{t.__qualname__})",
+                                                        ""))
+            return LayerCtor("Identity", [], False, False)
+        return layer_ctor(module, target.replace(".", "_"), self.call_rank(inst, target), slots)
+
+    def build(self, inst: Instance) -> InstanceCode:
+        slots, fn_attrs = Slots(), FnAttrs()
+        own = [n for n, _ in inst.module.named_parameters(recurse=False)] + \
+              [n for n, _ in inst.module.named_buffers(recurse=False)]
+        for name in own:
+            self.unsupported.append(UnsupportedNode(
+                inst.path, f"tensor {inst.child_path(name)} held by custom class {inst.class_name} "
+                "(only the listed layers' weights can be ported)", ""))
+        init = [(n, self.ctor(inst, m, n, slots)) for n, m in inst.module.named_children()]
+        bodies = {}
+        for mode in ("train", "eval"):
+            found: list[UnsupportedNode] = []
+            body = Body(inst, inst.graphs[mode], slots, fn_attrs, inst.path == "", found)
+            body.emit()
+            bodies[mode] = body
+            self.unsupported += [u for u in found if u not in self.unsupported]
+        train, ev = bodies["train"], bodies["eval"]
+        differ = self.resolved(train.lines, slots) != self.resolved(ev.lines, slots)
+        if differ:
+            lines = ["if self.deterministic:  # eval mode (model.eval())"] + [INDENT + ln for ln in ev.lines] + \
+                    ["else:"] + [INDENT + ln for ln in train.lines]
+        else:
+            lines = train.lines
+        init += list(fn_attrs.ctors.items())
+        return InstanceCode(inst, slots, init, train.params, lines, differ, train.uses_f or ev.uses_f,
+                            train.uses_jax or ev.uses_jax)
+
+    @staticmethod
+    def resolved(lines: list[str], slots: Slots) -> list[str]:
+        return [TOKEN_RE.sub(lambda m: _key(slots.items[int(m.group(1))].value), ln) for ln in lines]
+
+    def signature(self, code: InstanceCode) -> str:
+        if code.signature:
+            return code.signature
+
+        def ctor_sig(c) -> str:
+            if isinstance(c, LayerCtor):
+                return f"{c.nnx_name}({[(k, i) for k, i in c.args]})"
+            if isinstance(c, ChildCtor):
+                return "<" + self.signature(self.codes[c.path]) + ">"
+            return f"{c.kind}[" + ",".join(f"{n}={ctor_sig(x)}" for n, x in c.items) + "]"
+
+        t = type(code.inst.module)
+        code.signature = "|".join([f"{t.__module__}.{t.__qualname__}", str(code.inst.path == "")]
+                                  + [f"{n}={ctor_sig(c)}" for n, c in code.init] + code.params + code.lines)
+        return code.signature
+
+    # --- variants and arguments -----------------------------------------------------------------
+
+    def group(self) -> None:
+        by_sig: dict[str, Variant] = {}
+        names_used: set[str] = {self.top_name} | RESERVED
+        counts: dict[str, int] = {}
+        for path, code in self.codes.items():
+            sig = self.signature(code)
+            variant = by_sig.get(sig)
+            if variant is None:
+                base = self.top_name if path == "" else code.inst.class_name
+                k = counts.get(base, 0) + 1
+                counts[base] = k
+                name = base if k == 1 else f"{base}{k}"
+                while path != "" and name in names_used:
+                    k += 1
+                    counts[base] = k
+                    name = f"{base}{k}"
+                names_used.add(name)
+                variant = by_sig[sig] = Variant(name, type(code.inst.module), [], path == "")
+                self.variants.append(variant)
+            variant.codes.append(code)
+            self.variant_of[path] = variant
+
+    def child_ctors(self, ctor) -> list[ChildCtor]:
+        if isinstance(ctor, ChildCtor):
+            return [ctor]
+        if isinstance(ctor, ContainerCtor):
+            return [c for _, x in ctor.items for c in self.child_ctors(x)]
+        return []
+
+    def arg_values(self, path: str) -> list:
+        """The argument values the child instance at ``path`` is constructed with."""
+        variant = self.variant_of[path]
+        self.lift(variant)
+        code = self.codes[path]
+        return [code.slots.items[a.slots[0]].value for a in variant.args]
+
+    def add_child_slots(self, code: InstanceCode) -> None:
+        if code.children_done:
+            return
+        code.children_done = True
+        for attr, ctor in code.init:
+            for child in self.child_ctors(ctor):
+                variant = self.variant_of[child.path]
+                values = self.arg_values(child.path)
+                child.arg_slots = [len(code.slots.items) + k for k in range(len(values))]  # type: ignore[attr-defined]
+                for a, v in zip(variant.args, values):
+                    code.slots.token(v, f"{child.path[len(code.inst.path) + 1 if code.inst.path else 0:].replace('.', '_')}_{a.name}")
+
+    def used_slots(self, code: InstanceCode) -> tuple[set[int], set[int]]:
+        """(slots the constructors use, slots __call__ uses)."""
+        in_init: set[int] = set()
+
+        def walk(c):
+            if isinstance(c, LayerCtor):
+                in_init.update(i for _, i in c.args)
+            elif isinstance(c, ChildCtor):
+                in_init.update(getattr(c, "arg_slots", []))
+            elif isinstance(c, ContainerCtor):
+                for _, x in c.items:
+                    walk(x)
+
+        for _, c in code.init:
+            walk(c)
+        in_call = {int(m.group(1)) for ln in code.lines for m in TOKEN_RE.finditer(ln)}
+        return in_init, in_call
+
+    def lift(self, variant: Variant) -> None:
+        if variant.lifted:
+            return
+        variant.lifted = True
+        for code in variant.codes:
+            self.add_child_slots(code)
+        first = variant.codes[0]
+        in_init, in_call = self.used_slots(first)
+        groups: dict[tuple, Arg] = {}
+        for j in sorted(in_init | in_call):
+            values = [c.slots.items[j].value for c in variant.codes]
+            keys = tuple(_key(v) for v in values)
+            slot = first.slots.items[j]
+            if len(set(keys)) == 1:
+                variant.literal[j] = literal_text(values[0])
+                if slot.default is not REQUIRED and _key(slot.default) == keys[0]:
+                    variant.omitted.add(j)
+                continue
+            arg = groups.get(keys)
+            if arg is None:
+                arg = groups[keys] = Arg(self.arg_name(variant, values, slot.name, groups), [])
+            arg.slots.append(j)
+            arg.stored = arg.stored or j in in_call
+        variant.args = list(groups.values())
+
+    def arg_name(self, variant: Variant, values: list, fallback: str, groups: dict) -> str:
+        taken = {a.name for a in groups.values()} | RESERVED | {n for n, _ in variant.codes[0].init}
+        try:
+            params = [p for p in inspect.signature(variant.torch_class.__init__).parameters if p != "self"]
+        except (TypeError, ValueError):
+            params = []
+        missing = object()
+        for p in params:
+            found = [getattr(c.inst.module, p, missing) for c in variant.codes]
+            if all(f is not missing and _key(compact(f)) == _key(v) for f, v in zip(found, values)) and p not in taken:
+                return p
+        name, k = fallback, 2
+        while name in taken:
+            name, k = f"{fallback}_{k}", k + 1
+        return name
+
+    # --- rendering ---------------------------------------------------------------------------
+
+    def slot_text(self, variant: Variant, j: int, in_call: bool) -> str:
+        if j in variant.literal:
+            return variant.literal[j]
+        for a in variant.args:
+            if j in a.slots:
+                return f"self.{a.name}" if in_call else a.name
+        raise AssertionError(f"slot {j} of {variant.name} neither literal nor argument")
+
+    def render_ctor(self, variant: Variant, ctor, depth: int) -> str:
+        if isinstance(ctor, LayerCtor):
+            parts = []
+            for kw, j in ctor.args:
+                if kw is not None and j in variant.omitted:
+                    continue
+                text = self.slot_text(variant, j, False)
+                parts.append(text if kw is None else f"{kw}={text}")
+            if ctor.dtype:
+                parts.append("dtype=dtype")
+            if ctor.rngs:
+                parts.append("rngs=rngs")
+            return f"N.{ctor.nnx_name}({', '.join(parts)})"
+        if isinstance(ctor, ChildCtor):
+            child = self.variant_of[ctor.path]
+            parts = [self.slot_text(variant, j, False) for j in getattr(ctor, "arg_slots", [])]
+            return f"{child.name}({', '.join(parts + ['dtype=dtype', 'rngs=rngs'])})"
+        items = [(n, self.render_ctor(variant, c, depth + 1)) for n, c in ctor.items]
+        pad = INDENT * (depth + 3)
+        end = INDENT * (depth + 2)
+        if ctor.kind == "Sequential":
+            inner = [t for _, t in items]
+            opening, closing = "nnx.Sequential(", ")"
+        elif ctor.kind == "List":
+            inner = [t for _, t in items]
+            opening, closing = "nnx.List([", "])"
+        else:
+            inner = [f"{n!r}: {t}" for n, t in items]
+            opening, closing = "nnx.Dict({", "})"
+        flat = opening + ", ".join(inner) + closing
+        if len(flat) + len(end) + 20 <= MAX_LINE or not inner:
+            return flat
+        return opening + "\n" + "".join(f"{pad}{t},\n" for t in inner) + end + closing
+
+    def render_class(self, variant: Variant) -> list[str]:
+        code = variant.codes[0]
+        t = variant.torch_class
+        # a top-level nn.Sequential is an nnx.Sequential (its children keep their indices as keys)
+        top_sequential = variant.is_top and isinstance(code.inst.module, nn.Sequential)
+        out = [f"class {variant.name}({'nnx.Sequential' if top_sequential else 'nnx.Module'}):",
+               f'{INDENT}"""{t.__qualname__} (torch: {t.__module__}.{t.__qualname__})'
+               + (f", {len(variant.codes)} instances" if len(variant.codes) > 1 else "") + '."""', ""]
+        if variant.is_top:
+            chw = tuple(self.capture.input_chw)
+            out += [f"{INDENT}input_chw = {literal_text(chw)}", f'{INDENT}loss = "{self.loss}"', ""]
+        args = [a.name for a in variant.args]
+        out.append(f"{INDENT}def __init__(self, {''.join(a + ', ' for a in args)}dtype=jnp.float32, *, rngs: nnx.Rngs):")
+        body = [f"self.{a.name} = {a.name}" for a in variant.args if a.stored]
+        if top_sequential:
+            items = ContainerCtor("Sequential", [(n, c) for n, c in code.init if n.isdigit()])
+            body.append("super().__init__" + self.render_ctor(variant, items, 0)[len("nnx.Sequential"):])
+        for attr, ctor in code.init:
+            if not (top_sequential and attr.isdigit()):
+                body.append(f"self.{attr} = {self.render_ctor(variant, ctor, 0)}")
+        if code.deterministic:
+            body.append("self.deterministic = False  # model.eval() sets it: the eval-mode graph differs")
+        if not body:
+            body = ["pass"]
+        out += [wrap(INDENT * 2 + ln) for ln in body]
+        out += ["", f"{INDENT}def __call__(self, {', '.join(code.params)}):"]
+        for ln in code.lines:
+            text = TOKEN_RE.sub(lambda m: self.slot_text(variant, int(m.group(1)), True), ln)
+            out.append(wrap(INDENT * 2 + text))
+        return out
+
+    def generate(self) -> str:
+        for path, inst in self.capture.instances.items():
+            self.codes[path] = self.build(inst)
+        if self.unsupported:
+            raise UnsupportedModelError(type(self.capture.root).__name__, self.unsupported, SUPPORTED)
+        self.group()
+        for variant in self.variants:
+            self.lift(variant)
+        order = self.definition_order()
+        uses_f = any(c.uses_f for c in self.codes.values())
+        uses_jax = any(c.uses_jax for c in self.codes.values())
+        head = [f'"""{self.top_name}, ported from PyTorch by `flaxcnn port`.',
+                "",
+                "NCHW in (transposed once to NHWC inside), 4-D outputs NCHW; attributes are named like the torch",
+                "modules, so a torch state_dict loads one key to one variable:",
+                "    model = flaxcnn.port.load(DIR)  # this class + DIR/weights.npz (float32; dtype=jnp.float64 too)",
+                '"""', "",
+                *(["import jax"] if uses_jax else []), "import jax.numpy as jnp", "from flax import nnx", "",
+                *(["from flaxcnn.models import functional as F"] if uses_f else []),
+                "from flaxcnn.models import nn as N", ""]
+        lines = head
+        for variant in order:
+            lines += ["", *self.render_class(variant), ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def definition_order(self) -> list[Variant]:
+        """Children before the classes that build them; the top class last."""
+        seen: list[Variant] = []
+
+        def visit(variant: Variant):
+            if variant in seen:
+                return
+            for code in variant.codes[:1]:
+                for _, ctor in code.init:
+                    for child in self.child_ctors(ctor):
+                        visit(self.variant_of[child.path])
+            seen.append(variant)
+
+        visit(self.variant_of[""])
+        return seen
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, current, quote = [], 0, "", None
+    for ch in text:
+        if quote:
+            current += ch
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        parts.append(current.strip())
+    return parts
+
+
+def wrap(line: str) -> str:
+    """A long ``name = f(a, b, ...)`` line as a call with its arguments on continuation lines."""
+    if len(line) <= MAX_LINE or "\n" in line:
+        return line
+    indent = line[: len(line) - len(line.lstrip())]
+    opening = line.find("(")
+    if opening < 0 or not line.endswith(")"):
+        return line
+    depth = 0
+    for i in range(opening, len(line)):
+        depth += {"(": 1, ")": -1}.get(line[i], 0)
+        if depth == 0 and i != len(line) - 1:
+            return line  # the first call does not span the line
+    args = _split_top(line[opening + 1:-1])
+    pad = indent + INDENT
+    rows, row = [], ""
+    for a in args:
+        piece = a + ","
+        if row and len(pad) + len(row) + 1 + len(piece) > MAX_LINE:
+            rows.append(row)
+            row = piece
+        else:
+            row = f"{row} {piece}" if row else piece
+    rows.append(row.rstrip(","))
+    return line[: opening + 1] + "\n" + "\n".join(pad + r for r in rows) + ")"
+
+
+def generate(capture: Capture, *, class_name: str | None = None, loss: str = "cross_entropy") -> str:
+    """The text of model.py for ``capture`` (see the module docstring)."""
+    return Generator(capture, class_name, loss).generate()
+
+
+__all__ = ["generate", "Generator", "wrap", "literal_text"]

@@ -313,3 +313,64 @@ def test_choose_loss_follows_the_output():
     assert choose_loss(torch.softmax(logits, dim=1)) == "cross_entropy"
     assert choose_loss(torch.zeros(2, 1, 8, 8)) == "mse"
     assert choose_loss(torch.zeros(4)) == "mse"
+
+
+# ------------------------------------------------------------------------------- a per-pixel output (MSE)
+
+
+class TorchSegment(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = tnn.BatchNorm2d(4)
+        self.pool = tnn.AvgPool2d(3, stride=1, padding=1)
+        self.conv2 = tnn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv2(self.pool(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class FlaxSegment(nnx.Module):
+    def __init__(self, dtype=jnp.float32, *, count_include_pad=True, rngs: nnx.Rngs):
+        self.conv1 = N.Conv2d(3, 4, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.bn1 = N.BatchNorm2d(4, dtype=dtype)
+        self.pool = N.AvgPool2d(3, stride=1, padding=1, count_include_pad=count_include_pad)
+        self.conv2 = N.Conv2d(4, 2, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        out = self.conv2(self.pool(jax.nn.relu(self.bn1(self.conv1(N.nchw_to_nhwc(x))))))
+        return N.nhwc_to_nchw(out)
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_a_per_pixel_output_is_proven_with_mse(count_include_pad):
+    torch.manual_seed(0)
+    tmodel = TorchSegment()
+
+    def build(dtype):
+        model = FlaxSegment(dtype, count_include_pad=count_include_pad, rngs=nnx.Rngs(0))
+        return convert.load_torch_state_dict(model, tmodel.state_dict())
+
+    proof = prove(tmodel, build, _input((4, 3, 6, 6)), steps=2)
+    assert proof.loss == "mse"
+    if count_include_pad:
+        assert proof.passed, proof.format()
+        _assert_within_tolerances(proof)
+    else:  # a planted pooling-padding bug: the border windows' divisor
+        assert not proof.passed and proof.first_divergent_layer == "pool", proof.format()
+
+
+def test_the_noise_floor_passes_rounding_noise_and_not_a_wrong_small_tensor():
+    from flaxcnn.port.proof import TensorDiff, over_tolerance
+
+    diffs = {
+        "conv.weight": TensorDiff(1e-8, 1.0),
+        "conv.bias": TensorDiff(2e-7, 3e-7),  # a zero gradient (bias before BatchNorm): noise on both sides
+        "fc.weight": TensorDiff(1e-8, 1.0),
+        "fc.bias": TensorDiff(1e-4, 1e-2),  # 1% wrong, 100 times smaller than its weight
+        "bn.num_batches_tracked": TensorDiff(0.0, 3.0, integer=True),
+        "bn.running_mean": TensorDiff(2e-7, 1e-3),  # measured on its own: the counter sets no scale
+    }
+    assert over_tolerance(diffs, "float32", "grads") == ["fc.bias"]
+    assert over_tolerance(diffs, "float32", "steps") == ["fc.bias", "bn.running_mean"]
+    assert over_tolerance({"output": TensorDiff(2e-5, 1.0)}, "float32", "forward") == ["output"]

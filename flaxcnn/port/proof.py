@@ -54,10 +54,12 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "float64": {part: 1e-10 for part in PARTS},
 }
 
-#: a tensor far smaller than the largest of its part (the gradient of a conv bias before BatchNorm,
-#: zero but for rounding) is measured against this many rounding errors (eps of the dtype) of the
-#: part's largest value instead of its own size: both sides hold only rounding noise there
-NOISE_ULPS = 32
+#: a tensor far smaller than the largest of its layer in a part (the gradient of a conv bias
+#: before BatchNorm, zero but for rounding) is measured against this many rounding errors (eps of
+#: the dtype) of the layer's largest value instead of its own size: both sides hold rounding noise
+NOISE_ULPS = 128
+#: the parts where such tensors occur (a zero gradient and the zero change it makes over the steps)
+FLOORED_PARTS = ("grads", "steps")
 
 #: a 2-D output whose rows' logsumexp are all within this of 0 holds log-probabilities
 LOG_PROB_ATOL = 1e-4
@@ -124,8 +126,8 @@ class Proof:
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         if any(r.get("scale", 0.0) > r["max_abs_ref"] for d in self.parts.values() for r in d.values()):
-            lines.append(f"* measured against the part's noise floor ({NOISE_ULPS} rounding errors of its largest "
-                         "value, over the tolerance), not the tensor's own max|ref|")
+            lines.append(f"* measured against its layer's noise floor ({NOISE_ULPS} rounding errors of the layer's "
+                         "largest value, over the tolerance), not the tensor's own max|ref|")
         lines.append(f"loss: {self.loss}; verdict: {'passed' if self.passed else 'failed'}")
         lines.append(f"first divergent layer: {self.first_divergent_layer or 'none'}")
         lines += [f"note: {n}" for n in self.notes]
@@ -147,39 +149,49 @@ def _json_number(value):
 
 @dataclass(frozen=True)
 class TensorDiff:
-    """One tensor compared: max|flax - torch| and max|torch|."""
+    """One tensor compared: max|flax - torch|, max|torch|, and whether it holds integers."""
 
     diff: float
     ref: float
+    integer: bool = False
 
 
-def tensor_diff(flax_value, torch_value) -> TensorDiff:
+def tensor_diff(flax_value, torch_value, *, integer: bool = False) -> TensorDiff:
     """Both in float64; a shape mismatch is an infinite difference."""
     f = np.asarray(flax_value, np.float64)
-    t = np.asarray(torch_value.detach().cpu().numpy() if isinstance(torch_value, torch.Tensor) else torch_value,
-                   np.float64)
+    t = np.asarray(torch_value.detach().cpu().numpy() if isinstance(torch_value, torch.Tensor) else torch_value)
+    integer = integer or not np.issubdtype(t.dtype, np.floating)
+    t = t.astype(np.float64)
     if f.shape != t.shape:
-        return TensorDiff(math.inf, float(np.max(np.abs(t))) if t.size else 0.0)
+        return TensorDiff(math.inf, float(np.max(np.abs(t))) if t.size else 0.0, integer)
     if t.size == 0:
-        return TensorDiff(0.0, 0.0)
-    return TensorDiff(float(np.max(np.abs(f - t))), float(np.max(np.abs(t))))
+        return TensorDiff(0.0, 0.0, integer)
+    return TensorDiff(float(np.max(np.abs(f - t))), float(np.max(np.abs(t))), integer)
 
 
-def noise_floor(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> float:
-    """The smallest scale a tensor of this part is measured against: :data:`NOISE_ULPS` rounding
-    errors of the part's largest PyTorch value, divided by the tolerance (so that a tensor
-    below it passes when it differs by at most that many rounding errors of the part's scale)."""
-    scale = max((d.ref for d in diffs.values() if math.isfinite(d.ref)), default=0.0)
-    return scale * NOISE_ULPS * float(np.finfo(dtype).eps) / TOLERANCES[dtype][part]
+def noise_floors(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict[str, float]:
+    """Per layer, the smallest scale its tensors of this part are measured against:
+    :data:`NOISE_ULPS` rounding errors of the layer's largest floating-point PyTorch value,
+    over the tolerance (so that a tensor below it passes when it differs by at most that many
+    rounding errors of its layer's scale)."""
+    if part not in FLOORED_PARTS:
+        return {}
+    factor = min(1.0, NOISE_ULPS * float(np.finfo(dtype).eps) / TOLERANCES[dtype][part])
+    floors: dict[str, float] = {}
+    for name, d in diffs.items():
+        layer = name.rpartition(".")[0]
+        if not d.integer and math.isfinite(d.ref):
+            floors[layer] = max(floors.get(layer, 0.0), d.ref * factor)
+    return floors
 
 
 def ratios(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict[str, tuple[float, float]]:
-    """Per tensor, (scale, ratio): scale is max(max|torch|, the part's noise floor); ratio is
+    """Per tensor, (scale, ratio): scale is max(max|torch|, its layer's noise floor); ratio is
     max|diff| / scale (max|diff| itself where the scale is 0)."""
-    floor = noise_floor(diffs, dtype, part)
+    floors = noise_floors(diffs, dtype, part)
     out = {}
     for name, d in diffs.items():
-        scale = max(d.ref, floor)
+        scale = max(d.ref, floors.get(name.rpartition(".")[0], 0.0))
         out[name] = (scale, math.nan if math.isnan(d.diff) else (d.diff / scale if scale > 0 else d.diff))
     return out
 
@@ -217,6 +229,7 @@ class SideRun:
     deltas: dict[str, np.ndarray]  # w_k - w_0, parameters and buffers
     draws: list[list] = field(default_factory=list)  # per step, then the eval pass, the draws (torch side)
     notes: list[str] = field(default_factory=list)
+    integers: frozenset[str] = frozenset()  # the integer tensors (BatchNorm's num_batches_tracked)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -253,7 +266,8 @@ def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, los
         if k == 0:
             buffers = {n: _numpy(v) for n, v in model.state_dict().items() if n not in param_names}
     deltas = {n: _numpy(v).astype(np.float64) - w0[n].astype(np.float64) for n, v in model.state_dict().items()}
-    return SideRun(forward, train_forward, grads, buffers, deltas, draws + [eval_draws])
+    integers = frozenset(k for k, v in w0.items() if not np.issubdtype(v.dtype, np.floating))
+    return SideRun(forward, train_forward, grads, buffers, deltas, draws + [eval_draws], integers=integers)
 
 
 def train_step(graphdef: nnx.GraphDef, loss: Loss, lr: float, *,
@@ -353,7 +367,8 @@ def compare_runs(flax_run: SideRun, torch_run: SideRun) -> dict[str, dict[str, T
         "train_forward": {"output": tensor_diff(flax_run.train_forward, torch_run.train_forward)},
         "grads": {k: tensor_diff(flax_run.grads[k], v) for k, v in torch_run.grads.items()},
         "buffers": {k: tensor_diff(flax_run.buffers[k], v) for k, v in torch_run.buffers.items()},
-        "steps": {k: tensor_diff(flax_run.deltas[k], v) for k, v in torch_run.deltas.items()},
+        "steps": {k: tensor_diff(flax_run.deltas[k], v, integer=k in torch_run.integers)
+                  for k, v in torch_run.deltas.items()},
     }
 
 
@@ -413,34 +428,78 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
 # ------------------------------------------------------------------------------- the divergent layer
 
 
+class _FlatTorch(torch.nn.Module):
+    """A module's output flattened to (N, features): the logits the layer report's loss takes."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).flatten(1)
+
+
+class _FlatNNX(nnx.Module):
+    """The port's output flattened like :class:`_FlatTorch` (a 4-D output of a port is NCHW)."""
+
+    def __init__(self, inner: nnx.Module):
+        self.inner = inner
+
+    def __call__(self, x):
+        out = self.inner(x)
+        return out.reshape(out.shape[0], -1)
+
+
+#: the prefix the wrappers above give every layer name
+_INNER = "inner."
+
+
+def _layer_report(torch_module: torch.nn.Module, fmodel: nnx.Module, x: np.ndarray, target: np.ndarray,
+                  loss: str, seed: int):
+    """:func:`parity.layers.compare_layers` of the float32 pair, and the prefix of its layer names.
+
+    It differentiates cross-entropy or NLL; for an MSE proof it runs on the outputs flattened to
+    (N, features) as logits (its labels drawn from ``seed``): any loss locates a divergence."""
+    from parity.layers import compare_layers
+
+    # flaxcnn's own models flatten NHWC maps and permute the Linear's rows (nchw_flatten);
+    # ports flatten in PyTorch's order (flaxcnn.models.nn.Flatten)
+    flatten = "nhwc" if getattr(fmodel, "nchw_flatten", None) else "nchw"
+    tmodel = copy.deepcopy(torch_module).float()
+    if loss == "mse":
+        return compare_layers(_FlatTorch(tmodel), _FlatNNX(fmodel), x.astype(np.float32), loss="cross_entropy",
+                              seed=seed, flax_flatten=flatten), _INNER
+    return compare_layers(tmodel, fmodel, x.astype(np.float32), target, loss=loss, seed=seed,
+                          flax_flatten=flatten), ""
+
+
 def first_divergent_layer(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module], x: np.ndarray,
                           target: np.ndarray, loss: str, diffs: Mapping[str, Mapping[str, Mapping[str, TensorDiff]]],
                           draws: list[list], *, seed: int) -> tuple[str | None, list[str]]:
-    """The layer a failed proof points at, and notes on how it was found."""
+    """The layer a failed proof points at (PyTorch's module name), and notes on how it was found."""
     notes = []
-    replayable = all(d.source.startswith("F.") for step in draws for d in step)
-    if loss in ("cross_entropy", "nll") and replayable:
-        from parity.layers import compare_layers
-
+    if all(d.source.startswith("F.") for step in draws for d in step):
         try:
-            fmodel = build_flax(jnp.float32)
-            # flaxcnn's own models flatten NHWC maps and permute the Linear's rows (nchw_flatten);
-            # ports flatten in PyTorch's order (flaxcnn.models.nn.Flatten)
-            flatten = "nhwc" if getattr(fmodel, "nchw_flatten", None) else "nchw"
-            report = compare_layers(copy.deepcopy(torch_module).float(), fmodel, x.astype(np.float32), target,
-                                    loss=loss, seed=seed, flax_flatten=flatten)
+            report, prefix = _layer_report(torch_module, build_flax(jnp.float32), x, target, loss, seed)
         except Exception as error:  # noqa: BLE001 - any failure falls back to the tensors' verdict
             notes.append(f"layer report failed ({type(error).__name__}: {error}); layer found from the tensors")
         else:
             if report.first_divergence is not None:
                 row = next((r for r in report.rows if r.label == report.first_divergence), None)
-                notes.append(f"layer report: {report.divergence_kind} divergence at {report.first_divergence}")
-                return (row.name if row else report.first_divergence), notes
+                name = row.name if row else report.first_divergence
+                name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+                notes.append(f"layer report: {report.divergence_kind} divergence at {name}"
+                             + (f" (call {row.call + 1})" if row and row.call else ""))
+                return name, notes
             notes.append("layer report (float32) found no divergent layer; layer found from the tensors")
     else:
-        notes.append("layer found from the tensors (the layer report takes cross-entropy/NLL losses and "
-                     "replays dropout modules only)")
-    return _first_layer_over_tolerance(torch_module, diffs), notes
+        notes.append("layer found from the tensors (the layer report replays dropout modules' masks, not "
+                     "torch.bernoulli draws)")
+    layer = _first_layer_over_tolerance(torch_module, diffs)
+    if layer is None:
+        notes.append("no layer's parameter gradients or buffers are over tolerance: the code after the last "
+                     "layer, or an eval-mode-only difference, holds the divergence")
+    return layer, notes
 
 
 def _first_layer_over_tolerance(torch_module: torch.nn.Module,

@@ -80,10 +80,12 @@ class _SessionTrainer:
         self.session, self.state = session, session.state
 
     def train_epoch(self, epoch: int) -> float:
+        import numpy as np
+
         from flaxcnn.train.loop import train_epoch
 
         self.state, sums, _ = train_epoch(self.session, self.state, epoch)
-        return float(sums[0])
+        return float(np.sum(sums["objective"]))
 
 
 class _VmapTrainer:

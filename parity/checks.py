@@ -22,14 +22,9 @@ from flax import nnx
 
 from flaxcnn import convert
 from flaxcnn.models.registry import ModelSpec
-from parity.dropout import record_torch_masks, replay_flax_masks, replay_torch_masks
-from parity.relu_decisions import (
-    DecisionReplay,
-    decisions_to_replay,
-    record_flax_relu_inputs,
-    record_torch_relu_inputs,
-    replay_torch_relu_decisions,
-)
+from parity.losses import flax_loss
+from parity.precision import full_precision
+from parity.train_pass import flax_replay, rerun_with_flax_decisions, torch_train_pass
 
 FORWARD_TOL = 1e-6
 TRAIN_FORWARD_TOL = 1e-6
@@ -40,13 +35,6 @@ RTOL = 1e-5
 
 Converter = Callable[[nnx.Module, dict], nnx.Module]
 Exporter = Callable[[nnx.Module], dict]
-
-
-def pin_full_precision() -> None:
-    """TF32 (GPU) or reduced-precision matmuls would break 1e-6 parity; pin both sides."""
-    jax.config.update("jax_default_matmul_precision", "highest")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @dataclass
@@ -67,18 +55,6 @@ class ParityResult:
 
     def as_json(self) -> dict:
         return asdict(self)
-
-
-def _torch_loss(spec: ModelSpec, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if spec.loss == "nll":
-        return torch.nn.functional.nll_loss(out, y)
-    return torch.nn.functional.cross_entropy(out, y)
-
-
-def _flax_loss(spec: ModelSpec, out: jax.Array, y: jax.Array) -> jax.Array:
-    if spec.loss == "nll":
-        return -jnp.mean(jnp.take_along_axis(out, y[:, None], axis=1))
-    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
 
 def _max_abs(a, b) -> float:
@@ -132,6 +108,10 @@ def torch_layer_shapes(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[st
     return log
 
 
+def _grads(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: p.grad.numpy() for k, p in model.named_parameters()}
+
+
 def _grad_diff(grads_f: dict, grads_t: dict) -> tuple[float, str]:
     """The largest |Δ| over all parameter gradients, and the key where it is."""
     worst_diff, worst = 0.0, ""
@@ -140,19 +120,6 @@ def _grad_diff(grads_f: dict, grads_t: dict) -> tuple[float, str]:
         if d > worst_diff:
             worst_diff, worst = d, key
     return worst_diff, worst
-
-
-def _torch_grads_with_decisions(spec: ModelSpec, initial_sd: dict, x: torch.Tensor, y: torch.Tensor,
-                                masks: dict, replay: DecisionReplay) -> dict[str, np.ndarray]:
-    """PyTorch's gradients from the recorded train-mode run with flaxcnn's ReLU decisions where
-    the two differ within tolerance of zero (:mod:`parity.relu_decisions`)."""
-    model = spec.build_torch()
-    model.load_state_dict(initial_sd)
-    model.train()
-    with replay_torch_masks(model, masks), replay_torch_relu_decisions(replay):
-        out = model(x)
-    _torch_loss(spec, out, y).backward()
-    return {k: p.grad.numpy() for k, p in model.named_parameters()}
 
 
 def reference_and_batch(spec: ModelSpec, batch: int, seed: int
@@ -176,9 +143,13 @@ def check_model(
     converter: Converter = convert.load_torch_state_dict,
     exporter: Exporter = convert.to_torch_state_dict,
 ) -> ParityResult:
-    """Run every check for one model. ``converter``/``exporter`` are injectable so tests can
-    prove that a wrong conversion is caught."""
-    pin_full_precision()
+    """Run every check for one model, at full precision for its duration (:mod:`parity.precision`).
+    ``converter``/``exporter`` are injectable so tests can prove that a wrong conversion is caught."""
+    with full_precision():
+        return _check_model(spec, batch, seed, converter, exporter)
+
+
+def _check_model(spec: ModelSpec, batch: int, seed: int, converter: Converter, exporter: Exporter) -> ParityResult:
     problems: list[str] = []
     tmodel, initial_sd, x_t, y_t = reference_and_batch(spec, batch, seed)
     fmodel = spec.build(seed=seed)
@@ -195,30 +166,25 @@ def check_model(
     # 2. per-layer shapes
     shapes_t = torch_layer_shapes(tmodel, x_t)
     shapes_f = flax_layer_shapes(fmodel, x_f)
-    names_f = {n for n, _ in shapes_f}
-    shapes_match = [s for s in shapes_t if s[0] in names_f] == shapes_f
+    names_t, names_f = {n for n, _ in shapes_t}, {n for n, _ in shapes_f}
+    # layers on one side only (a parameter-free one: the port's ReLU layer, torch's F.relu) are not compared
+    shapes_match = [s for s in shapes_t if s[0] in names_f] == [s for s in shapes_f if s[0] in names_t]
     if not shapes_match:
         problems.append(f"layer shapes differ: torch {shapes_t} vs flax {shapes_f}")
 
     # 3. train-mode forward and gradients, dropout masks replayed from PyTorch
-    tmodel.train()
-    tmodel.zero_grad()
-    with record_torch_masks(tmodel) as masks, record_torch_relu_inputs() as relu_inputs_t:
-        out_t = tmodel(x_t)
-    loss_t = _torch_loss(spec, out_t, y_t)
-    loss_t.backward()
-    grads_t = {k: p.grad.numpy() for k, p in tmodel.named_parameters()}
-    stats_t = {k: v.numpy() for k, v in tmodel.state_dict().items() if "running" in k or "num_batches" in k}
+    first = torch_train_pass(tmodel, x_t, y_t, spec.loss)
+    stats_t = {k: v.numpy() for k, v in first.model.state_dict().items() if "running" in k or "num_batches" in k}
 
     fmodel.train()
 
     def loss_fn(model):
         out = model(x_f)
-        return _flax_loss(spec, out, y_f), out
+        return flax_loss(spec.loss, out, y_f), out
 
-    with replay_flax_masks(fmodel, masks), record_flax_relu_inputs() as relu_inputs_f:
+    with flax_replay(fmodel, first.masks) as relu_inputs_f:
         (_, out_f), grads_f = nnx.value_and_grad(loss_fn, has_aux=True)(fmodel)
-    train_diff = _max_abs(out_f, out_t.detach().numpy())
+    train_diff = _max_abs(out_f, first.output)
     exported_after_step = convert.to_numpy_state_dict(fmodel)
     for key, value in stats_t.items():
         train_diff = max(train_diff, _max_abs(exported_after_step[key], value))
@@ -226,12 +192,10 @@ def check_model(
     grad_model = nnx.clone(fmodel)
     nnx.update(grad_model, grads_f)
     grads_f_torch = convert.to_numpy_state_dict(grad_model)
-    grad_diff, worst = _grad_diff(grads_f_torch, grads_t)
-    unreplayed_diff = grad_diff
-    relu_replay = decisions_to_replay(relu_inputs_t, relu_inputs_f, atol=FORWARD_TOL, rtol=RTOL)
-    if relu_replay.tolerated:
-        grads_t = _torch_grads_with_decisions(spec, initial_sd, x_t, y_t, masks, relu_replay)
-        grad_diff, worst = _grad_diff(grads_f_torch, grads_t)
+    unreplayed_diff, _ = _grad_diff(grads_f_torch, _grads(first.model))
+    relu_replay, compared = rerun_with_flax_decisions(tmodel, x_t, y_t, spec.loss, first, relu_inputs_f,
+                                                      atol=FORWARD_TOL, rtol=RTOL)
+    grad_diff, worst = _grad_diff(grads_f_torch, _grads(compared.model))
     if relu_replay.beyond_tolerance:
         problems.append(f"{relu_replay.beyond_tolerance} ReLU decisions differ beyond tolerance of zero "
                         f"(PyTorch input up to {relu_replay.largest_beyond:.2e})")
@@ -270,7 +234,7 @@ def check_model(
         shapes_match=shapes_match,
         roundtrip_exact=roundtrip,
         passed=all(checks.values()),
-        dropout_masks_replayed=sum(len(v) for v in masks.values()),
+        dropout_masks_replayed=sum(len(v) for v in first.masks.values()),
         relu_decisions_replayed=relu_replay.tolerated,
         grad_max_abs_diff_unreplayed=unreplayed_diff,
         worst_grad_key=worst,

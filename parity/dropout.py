@@ -1,18 +1,18 @@
-"""Dropout equivalence by mask replay.
+"""Dropout equivalence by mask replay: the one record-and-replay flow of the parity checks.
 
 PyTorch and JAX draw different random numbers, so equal outputs in training mode are proven by
-letting PyTorch run its real ``nn.Dropout``/``nn.Dropout2d`` layers, recovering each keep-mask
-from what the layer did, and replaying those masks through flaxcnn's dropout layers, whose only
-random part (``keep_mask``) is replaced. Recovery also checks PyTorch's behaviour: kept values
-must equal ``x / (1 - p)`` and dropped ones 0, and a 4-D ``Dropout2d`` mask must be constant over
-H and W (channel dropout). The Flax layer then asks for a mask of the shape *its* semantics say
-(``mask_shape``); a replayed mask of another shape fails the check.
+letting PyTorch run its real ``nn.Dropout``/``nn.Dropout2d`` layers, drawing each keep-mask again
+exactly (:func:`record_torch_masks`), and replaying those masks through flaxcnn's dropout layers,
+whose only random part (``keep_mask``) is replaced for the block (:func:`replay_flax_masks`), or
+through PyTorch's layers for a second PyTorch run (:func:`replay_torch_masks`). The Flax layer
+asks for a mask of the shape *its* semantics say (``mask_shape``: a ``Dropout2d`` mask is one
+value per channel); a replayed mask of another shape fails the check.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -25,6 +25,14 @@ from flaxcnn.models.layers import Dropout
 
 class DropoutMismatch(AssertionError):
     pass
+
+
+def renamed(name: str, rename: Mapping[str, str]) -> str:
+    """``name`` with its longest prefix found in ``rename`` replaced (whole dotted parts only)."""
+    for prefix in sorted(rename, key=len, reverse=True):
+        if name == prefix or name.startswith(prefix + "."):
+            return rename[prefix] + name[len(prefix):]
+    return name
 
 
 @contextmanager
@@ -45,33 +53,46 @@ def dropout_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 
 @contextmanager
 def record_torch_masks(model: torch.nn.Module):
-    """Collect {module name: [keep-mask in Flax layout, ...]} from every dropout call."""
-    masks: dict[str, list[np.ndarray]] = defaultdict(list)
+    """Collect {module name: [keep-mask in Flax layout, ...]} of every dropout call, exactly.
 
-    def hook_for(name: str, module: torch.nn.Module):
-        def hook(_module, inputs, output):
-            x = inputs[0].detach().numpy()
-            y = output.detach().numpy()
-            p = module.p
-            keep = y != 0
-            known = x != 0  # where x is exactly 0 (e.g. after ReLU) the mask changes nothing
-            if not np.allclose(y[keep], x[keep] / (1 - p), rtol=1e-6, atol=0):
-                raise DropoutMismatch(f"{name}: kept values are not x / (1 - p)")
-            if y.ndim == 4 and isinstance(module, torch.nn.Dropout2d):
-                seen = known.any(axis=(2, 3))
-                per_channel = np.where(seen, (keep & known).any(axis=(2, 3)), True)
-                full = np.broadcast_to(per_channel[:, :, None, None], keep.shape)
-                if not np.array_equal(keep[known], full[known]):
-                    raise DropoutMismatch(f"{name}: Dropout2d mask is not constant over H, W")
-                masks[name].append(per_channel[:, None, None, :])  # NHWC mask (N, 1, 1, C)
+    A mask read off the layer's output cannot tell a dropped zero from a kept one (the forward
+    pass does not care, the gradient with respect to the dropout's input does). So each mask is
+    drawn again: after the real call, the layer's forward (without hooks) runs on ones from the
+    random state the call started from (same shape, same generator: the same draw on CPU), and
+    the generator is then put back where the real call left it.
+    """
+    masks: dict[str, list[np.ndarray]] = defaultdict(list)
+    started: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def pre_hook_for(name: str):
+        def pre_hook(_module, _inputs):
+            started[name] = torch.get_rng_state()
+
+        return pre_hook
+
+    def hook_for(name: str):
+        def hook(module, inputs, _output):
+            after = torch.get_rng_state()
+            torch.set_rng_state(started.pop(name))
+            with torch.no_grad():
+                keep = (module.forward(torch.ones_like(inputs[0])) != 0).numpy()  # no hooks
+            torch.set_rng_state(after)
+            if keep.ndim == 4 and isinstance(module, torch.nn.Dropout2d):
+                masks[name].append(keep[:, :, 0, 0][:, None, None, :])  # channel mask, NHWC (N, 1, 1, C)
             else:
-                keep = np.where(known, keep, True)
-                masks[name].append(np.transpose(keep, (0, 2, 3, 1)) if y.ndim == 4 else keep)
+                masks[name].append(keep.transpose(0, 2, 3, 1) if keep.ndim == 4 else keep)
 
         return hook
 
-    with forward_hooks((module, hook_for(name, module)) for name, module in dropout_modules(model)):
+    for name, module in dropout_modules(model):
+        handles.append(module.register_forward_pre_hook(pre_hook_for(name)))
+        handles.append(module.register_forward_hook(hook_for(name)))
+    try:
         yield masks
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def torch_layout(mask: np.ndarray) -> np.ndarray:
@@ -91,7 +112,7 @@ def replay_torch_masks(model: torch.nn.Module, masks: dict[str, list[np.ndarray]
                 raise DropoutMismatch(f"{name}: called more often than in the recorded run")
             x = inputs[0]
             mask = torch.as_tensor(torch_layout(queues[name].pop(0)), dtype=x.dtype)
-            return x * mask / (1 - module.p)
+            return x * (mask / (1 - module.p))  # PyTorch's order: the mask is scaled, then applied
 
         return hook
 
@@ -100,13 +121,15 @@ def replay_torch_masks(model: torch.nn.Module, masks: dict[str, list[np.ndarray]
 
 
 @contextmanager
-def replay_flax_masks(model: nnx.Module, masks: dict[str, list[np.ndarray]]):
+def replay_flax_masks(model: nnx.Module, masks: Mapping[str, list[np.ndarray]],
+                      rename: Mapping[str, str] | None = None):
     """Make every flaxcnn dropout layer of ``model`` use the recorded masks, in call order.
 
     Layers are named as PyTorch names them (:func:`flaxcnn.convert.named_layers`: ``drop1``,
-    ``classifier.3`` for the fourth element of an ``nnx.Sequential``).
+    ``classifier.3`` for the fourth element of an ``nnx.Sequential``); ``rename`` maps a Flax
+    name or prefix to PyTorch's where they differ (as :func:`parity.layers.compare_layers` takes it).
     """
-    names = {id(layer): name for name, layer in named_layers(model)}
+    names = {id(layer): renamed(name, rename or {}) for name, layer in named_layers(model)}
     patched = []
     for path, layer in nnx.iter_modules(model):
         if not isinstance(layer, Dropout):

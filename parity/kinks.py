@@ -22,15 +22,17 @@ from collections.abc import Sequence
 import torch
 
 from flaxcnn.models.registry import MODELS, get_model
-from parity.checks import GRAD_TOL, _torch_loss, pin_full_precision, reference_and_batch
+from parity.checks import GRAD_TOL, reference_and_batch
+from parity.losses import torch_loss
+from parity.precision import full_precision
 from parity.dropout import forward_hooks, record_torch_masks, replay_torch_masks
 
 
+@full_precision()
 def relu_kinks(model_name: str, layer: str, *, band: float = 1e-5, batch: int = 64, seed: int = 0) -> dict:
     """``{"near_zero": count, "values": [...], "elements": n, "grad_shift": {param: max |Δ|}}``
     for the output of module ``layer`` (the ReLU's input) of the PyTorch reference, built and fed
-    as :func:`parity.checks.check_model` does."""
-    pin_full_precision()
+    as :func:`parity.checks.check_model` does (at full precision, for the call)."""
     spec = get_model(model_name)
     model, state, x, y = reference_and_batch(spec, batch, seed)
     modules = dict(model.named_modules())
@@ -45,7 +47,7 @@ def relu_kinks(model_name: str, layer: str, *, band: float = 1e-5, batch: int = 
     model.train()
     with forward_hooks([(modules[layer], keep_output)]), record_torch_masks(model) as masks:
         out = model(x)
-    _torch_loss(spec, out, y).backward()
+    torch_loss(spec.loss, out, y).backward()
     near = captured["out"].abs() < band
 
     flipped = spec.build_torch()
@@ -54,7 +56,7 @@ def relu_kinks(model_name: str, layer: str, *, band: float = 1e-5, batch: int = 
     flip = (dict(flipped.named_modules())[layer], lambda _m, _i, out: torch.where(near, -out, out))
     with forward_hooks([flip]), replay_torch_masks(flipped, masks):
         out = flipped(x)
-    _torch_loss(spec, out, y).backward()
+    torch_loss(spec.loss, out, y).backward()
     flipped_grads = dict(flipped.named_parameters())
     shift = {name: float((flipped_grads[name].grad - p.grad).abs().max()) for name, p in model.named_parameters()}
     return {"near_zero": int(near.sum()), "values": captured["out"][near].tolist(), "elements": near.numel(),

@@ -15,8 +15,11 @@ function) are recorded by the same means on the ``nnx.Sequential``. Dropout in t
 replays PyTorch's masks, drawn again exactly, into flaxcnn's dropout layers (:mod:`parity.dropout`).
 ReLU inputs that the two sides decide differently while both are within tolerance of zero are
 replayed into a second PyTorch training step, whose gradients and buffers are then compared
-(:mod:`parity.relu_decisions`; this needs the port to call ``jax.nn.relu`` by that name at call
-time, as flaxcnn's models do; otherwise the calls do not pair and nothing is replayed).
+(:mod:`parity.relu_decisions`; this needs the port's ReLUs to be :class:`flaxcnn.models.nn.ReLU`
+layers, the seam they are recorded through, as in flaxcnn's models and generated ports; a ReLU
+written inline as ``jax.nn.relu`` is not seen, the calls do not pair and nothing is replayed).
+The recording, the masks and the decisions are the same flow as the parity checks'
+(:mod:`parity.train_pass`).
 
 How layers are paired: by name. Torch names are ``named_modules()`` names of leaf modules
 (``features.0``, ``fc1``); Flax names are those :func:`flaxcnn.convert.named_layers` gives, the
@@ -67,17 +70,12 @@ from flax import nnx
 
 from flaxcnn import convert
 from flaxcnn.models.layers import Dropout as FlaxcnnDropout
-from parity.checks import FORWARD_TOL, GRAD_TOL, RTOL, pin_full_precision
-from parity.dropout import forward_hooks, replay_flax_masks
-from parity.relu_decisions import (
-    DecisionReplay,
-    decisions_to_replay,
-    record_flax_relu_inputs,
-    record_torch_relu_inputs,
-    replay_torch_relu_decisions,
-)
+from parity.checks import FORWARD_TOL, GRAD_TOL, RTOL
+from parity.dropout import forward_hooks, renamed as _renamed
+from parity.losses import Loss, check_loss, flax_loss
+from parity.precision import full_precision
+from parity.train_pass import flax_replay, rerun_with_flax_decisions, torch_train_pass
 
-Loss = Literal["cross_entropy", "nll"]
 Key = tuple[str, int]  # (layer name, call index)
 FlatLayout = tuple[int, int, int]  # (C, H, W) of an NHWC map flattened in (h, w, c) order
 Layout = Literal["nhwc"] | FlatLayout | None
@@ -216,60 +214,10 @@ def _record_torch(model: torch.nn.Module, calls: dict[Key, _TorchCall], grads: d
         yield
 
 
-@contextmanager
-def record_exact_masks(model: torch.nn.Module):
-    """{module name: [keep-mask in Flax layout, ...]} of every dropout call, exactly.
-
-    :func:`parity.dropout.record_torch_masks` recovers a mask from the layer's output, which
-    cannot tell a dropped zero from a kept one; the forward pass does not care, the gradient
-    with respect to the dropout's input does. Here each mask is drawn again: the layer is
-    re-run (its forward, without hooks) on ones from the random state it started from (same shape, same generator, so the
-    same draw on CPU), and the generator is then put back where the real call left it.
-    """
-    masks: dict[str, list[np.ndarray]] = defaultdict(list)
-    handles = []
-
-    def pre_hook(module, _inputs):
-        module._parity_rng_state = torch.get_rng_state()
-
-    def hook_for(name: str):
-        def hook(module, inputs, _output):
-            after = torch.get_rng_state()
-            torch.set_rng_state(module._parity_rng_state)
-            with torch.no_grad():
-                keep = (module.forward(torch.ones_like(inputs[0])) != 0).numpy()  # no hooks
-            torch.set_rng_state(after)
-            if keep.ndim == 4 and isinstance(module, torch.nn.Dropout2d):
-                masks[name].append(keep[:, :, 0, 0][:, None, None, :])  # channel mask, NHWC (N, 1, 1, C)
-            else:
-                masks[name].append(keep.transpose(0, 2, 3, 1) if keep.ndim == 4 else keep)
-
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(hook_for(name)))
-    try:
-        yield masks
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def replay_masks(flax_model: nnx.Module, masks: Mapping[str, list[np.ndarray]], rename: Mapping[str, str] | None = None):
-    """Replay masks recorded under PyTorch's module names (:func:`record_exact_masks`) into the
-    flaxcnn dropout layers of ``flax_model`` that :func:`flaxcnn.convert.named_layers` gives the
-    same names (nested ones included), with :func:`parity.dropout.replay_flax_masks`."""
-    flax_names = {_renamed(n, rename or {}): n for n, _ in convert.named_layers(flax_model)}
-    with replay_flax_masks(flax_model, {flax_names[n]: v for n, v in masks.items() if n in flax_names}):
-        yield
-
-
 # ------------------------------------------------------------------------------- flax side
 
 _NAME = "_parity_layer_name"
+_SESSION = "_parity_session"  # the recording clone's session, set on its layers per pass (see _session)
 
 
 @dataclass
@@ -330,9 +278,6 @@ class _FlaxSession:
         return out
 
 
-_ACTIVE: list[_FlaxSession] = []
-
-
 def _type_name(layer) -> str:
     if isinstance(layer, nnx.Module):
         return type(layer).__mro__[1].__name__ if getattr(type(layer), "_parity_recording", False) \
@@ -355,7 +300,7 @@ def _recording_class(cls: type) -> type:
         if issubclass(cls, nnx.Sequential):
 
             def __call__(self, *args, rngs=None, **kwargs):  # nnx.Sequential.__call__, recording functions
-                session = _ACTIVE[-1] if _ACTIVE else None
+                session = getattr(self, _SESSION, None)
                 output: Any = None
                 for i, f in enumerate(self.layers):
                     if i > 0:
@@ -371,19 +316,11 @@ def _recording_class(cls: type) -> type:
 
             def __call__(self, *args, **kwargs):
                 out = cls.__call__(self, *args, **kwargs)
-                session = _ACTIVE[-1] if _ACTIVE else None
+                session = getattr(self, _SESSION, None)
                 return out if session is None else session.record(getattr(self, _NAME), self, args, out)
 
         _RECORDING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_parity_recording": True})
     return _RECORDING_CLASSES[cls]
-
-
-def _renamed(name: str, rename: Mapping[str, str]) -> str:
-    """``name`` with its longest prefix found in ``rename`` replaced (whole dotted parts only)."""
-    for prefix in sorted(rename, key=len, reverse=True):
-        if name == prefix or name.startswith(prefix + "."):
-            return rename[prefix] + name[len(prefix):]
-    return name
 
 
 def _recording_clone(model: nnx.Module, rename: Mapping[str, str]) -> tuple[nnx.Module, dict[str, object]]:
@@ -405,12 +342,18 @@ def _recording_clone(model: nnx.Module, rename: Mapping[str, str]) -> tuple[nnx.
 
 
 @contextmanager
-def _session(session: _FlaxSession):
-    _ACTIVE.append(session)
+def _session(clone: nnx.Module, session: _FlaxSession):
+    """Attach ``session`` to the recording layers of ``clone`` (one of :func:`_recording_clone`'s)
+    for the block: the recording ``__call__`` finds it there, on the model it runs, not in any
+    process-wide place."""
+    nodes = [node for _, node in nnx.iter_modules(clone) if getattr(type(node), "_parity_recording", False)]
+    for node in nodes:
+        object.__setattr__(node, _SESSION, session)
     try:
         yield session
     finally:
-        _ACTIVE.pop()
+        for node in nodes:
+            object.__delattr__(node, _SESSION)
 
 
 # ------------------------------------------------------------------------------- comparison
@@ -438,18 +381,6 @@ def _diff(flax_value, torch_value, layout: Layout) -> tuple[float, float]:
 
 def _within(diff: float, scale: float, atol: float, rtol: float) -> bool:
     return diff <= atol + rtol * scale
-
-
-def _torch_loss(loss: Loss, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if loss == "nll":
-        return torch.nn.functional.nll_loss(out, y)
-    return torch.nn.functional.cross_entropy(out, y)
-
-
-def _flax_loss(loss: Loss, out: jax.Array, y: jax.Array) -> jax.Array:
-    if loss == "nll":
-        return -jnp.mean(jnp.take_along_axis(out, y[:, None], axis=1))
-    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
 
 def _pair(torch_calls: Mapping[Key, _TorchCall], flax_calls: Mapping[Key, _FlaxCall]) -> list[str]:
@@ -520,8 +451,53 @@ def compare_layers(
         raise ValueError(f"flax_flatten must be 'nhwc' or 'nchw', got {flax_flatten!r}")
     if loss not in ("cross_entropy", "nll"):
         raise ValueError(f"loss must be 'cross_entropy' or 'nll', got {loss!r}")
-    pin_full_precision()
-    rename = dict(rename or {})
+    with full_precision():
+        return _compare(torch_model, flax_model, x, y, loss=check_loss(loss), rename=dict(rename or {}),
+                        nchw_flatten=nchw_flatten, flax_flatten=flax_flatten, forward_tol=forward_tol,
+                        grad_tol=grad_tol, rtol=rtol, seed=seed)
+
+
+class _TorchRecording:
+    """Hooks for one PyTorch pass (:func:`parity.train_pass.torch_train_pass`'s ``record``):
+    every leaf module call, and with ``grads``, each output's gradient."""
+
+    def __init__(self, grads: bool):
+        self.calls: dict[Key, _TorchCall] = {}
+        self.grads: dict[Key, np.ndarray] | None = {} if grads else None
+
+    def __call__(self, model: torch.nn.Module):
+        return _record_torch(model, self.calls, self.grads)
+
+
+def _flax_eval_pass(clone: nnx.Module, x: jax.Array, linear_flatten, flax_flatten: str) -> tuple[_FlaxSession, np.ndarray]:
+    clone.eval()
+    with _session(clone, _FlaxSession({}, linear_flatten, flax_flatten)) as session:
+        out = np.asarray(clone(x))
+    return session, out
+
+
+def _flax_train_pass(clone: nnx.Module, x: jax.Array, y: jax.Array, loss: Loss, probes, masks, rename,
+                     linear_flatten, flax_flatten: str):
+    """Train-mode forward and backward of the recording clone, PyTorch's masks replayed: the
+    session (its calls, their input/output values), the output, the parameter gradients, the
+    gradients at each layer's output (the probes') and the ReLU inputs."""
+    clone.train()
+    sessions: list[_FlaxSession] = []
+
+    def loss_fn(model, probes):
+        with _session(model, _FlaxSession(probes, linear_flatten, flax_flatten)) as session:
+            out = model(x)
+        sessions.append(session)
+        return flax_loss(loss, out, y), (out, session.arrays)
+
+    with flax_replay(clone, masks, rename) as relu_inputs:
+        (_, (out, arrays)), (param_grads, probe_grads) = nnx.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(clone, probes)
+    return sessions[-1], arrays, np.asarray(out), param_grads, probe_grads, relu_inputs
+
+
+def _compare(torch_model, flax_model, x, y, *, loss: Loss, rename: dict[str, str], nchw_flatten, flax_flatten,
+             forward_tol: float, grad_tol: float, rtol: float, seed: int) -> LayerReport:
     flatten_spec = dict(getattr(flax_model, "nchw_flatten", {}) or {}) if nchw_flatten is None else dict(nchw_flatten)
     flatten_spec = {k: tuple(int(d) for d in v) for k, v in flatten_spec.items()}  # Flax names, as converted
     linear_flatten = {_renamed(k, rename): v for k, v in flatten_spec.items()}  # torch names, as recorded
@@ -535,9 +511,7 @@ def compare_layers(
     with _record_torch(tmodel, t_eval, None), torch.no_grad():
         out_t_eval = tmodel(x_t).numpy()
     fclone, flayers = _recording_clone(flax_model, rename)
-    fclone.eval()
-    with _session(_FlaxSession({}, linear_flatten, flax_flatten)) as f_eval:
-        out_f_eval = np.asarray(fclone(x_f))
+    f_eval, out_f_eval = _flax_eval_pass(fclone, x_f, linear_flatten, flax_flatten)
     unpaired = _pair(t_eval, f_eval.calls)
 
     if y is None:
@@ -546,45 +520,21 @@ def compare_layers(
     y_t, y_f = torch.from_numpy(y.astype(np.int64)), jnp.asarray(y, jnp.int32)
 
     # ---- train mode: outputs, gradients, statistics after the step; dropout masks replayed
-    rng_before_train = torch.get_rng_state()
-
-    def torch_train_pass(decisions: DecisionReplay | None = None):
-        """PyTorch's training step from the state after the eval pass; with ``decisions``, its
-        ReLUs take flaxcnn's decisions there (and dropout draws the same masks: same RNG state)."""
-        model = copy.deepcopy(torch_model)
-        model.train()
-        model.zero_grad()
-        calls: dict[Key, _TorchCall] = {}
-        grads: dict[Key, np.ndarray] = {}
-        torch.set_rng_state(rng_before_train)
-        relus = record_torch_relu_inputs() if decisions is None else replay_torch_relu_decisions(decisions)
-        with _record_torch(model, calls, grads), record_exact_masks(model) as masks, relus as relu_inputs:
-            out = model(x_t)
-        _torch_loss(loss, out, y_t).backward()
-        return model, calls, grads, masks, out.detach().numpy(), relu_inputs
-
-    tmodel, t_train, t_grads, masks, out_t_train, t_relu_inputs = torch_train_pass()
-
+    recording = _TorchRecording(grads=True)
+    first = torch_train_pass(torch_model, x_t, y_t, loss, record=recording)
     fclone, flayers = _recording_clone(flax_model, rename)
-    fclone.train()
     probes = {k: jnp.zeros(c.output_shape, jnp.float32) for k, c in f_eval.calls.items()}
-    sessions: list[_FlaxSession] = []
-
-    def loss_fn(model, probes):
-        with _session(_FlaxSession(probes, linear_flatten, flax_flatten)) as session:
-            out = model(x_f)
-        sessions.append(session)
-        return _flax_loss(loss, out, y_f), (out, session.arrays)
-
-    with replay_masks(fclone, masks, rename), record_flax_relu_inputs() as f_relu_inputs:
-        (_, (out_f_train, f_arrays)), (f_param_grads, f_probe_grads) = nnx.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(fclone, probes)
-    f_train = sessions[-1].calls
+    f_session, f_arrays, out_f_train, f_param_grads, f_probe_grads, f_relu_inputs = _flax_train_pass(
+        fclone, x_f, y_f, loss, probes, first.masks, rename, linear_flatten, flax_flatten)
+    f_train = f_session.calls
     # ReLUs decided by rounding (parity.relu_decisions): PyTorch's step again, with flaxcnn's
     # decisions where the two differ within tolerance of zero; gradients and buffers from that run
-    decisions = decisions_to_replay(t_relu_inputs, f_relu_inputs, atol=forward_tol, rtol=rtol)
-    if decisions.tolerated:
-        tmodel, t_train, t_grads, _, out_t_train, _ = torch_train_pass(decisions)
+    rerun = _TorchRecording(grads=True)
+    decisions, compared = rerun_with_flax_decisions(torch_model, x_t, y_t, loss, first, f_relu_inputs,
+                                                    atol=forward_tol, rtol=rtol, record=rerun)
+    if compared is not first:
+        recording = rerun
+    tmodel, t_train, t_grads, out_t_train = compared.model, recording.calls, recording.grads, compared.output
     t_param_grads = _group_by_layer({k: p.grad.numpy() for k, p in tmodel.named_parameters() if p.grad is not None})
     t_buffers = _group_by_layer({k: b.numpy() for k, b in tmodel.named_buffers()})
     grad_model = nnx.clone(flax_model)
@@ -741,6 +691,5 @@ def report_for_model(name: str, *, batch: int = 8, seed: int = 0) -> LayerReport
     return compare_layers(tmodel, fmodel, x, loss=spec.loss, seed=seed)
 
 
-__all__ = ["LayerPairingError", "LayerReport", "LayerRow", "RTOL", "compare_layers", "record_exact_masks",
-           "replay_masks", "report_for_model"]
+__all__ = ["LayerPairingError", "LayerReport", "LayerRow", "RTOL", "compare_layers", "report_for_model"]
 

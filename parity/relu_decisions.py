@@ -9,9 +9,9 @@ replaying PyTorch's masks (:mod:`parity.dropout`); ReLU decisions are replayed t
 in the other direction:
 
 1. record every ReLU input of both train-mode forwards, in call order (PyTorch: a
-   ``TorchFunctionMode`` sees ``F.relu``, ``torch.relu`` and ``nn.ReLU``; Flax: ``jax.nn.relu``
-   is wrapped for the block and reports its concrete input through ``jax.debug.callback``, also
-   under ``nnx.value_and_grad``);
+   ``TorchFunctionMode`` sees ``F.relu``, ``torch.relu`` and ``nn.ReLU``; Flax: each
+   :class:`flaxcnn.models.nn.ReLU` layer's ``tap`` seam reports its concrete input through
+   ``jax.debug.callback``, also under ``nnx.value_and_grad``);
 2. pair the calls (same count, same shapes after NHWC -> NCHW) and find the elements the two
    decided differently. A disagreement is *tolerated* only where both inputs are within the
    layer-level forward tolerance of zero, ``atol + rtol * max|PyTorch input|`` (the tolerance
@@ -35,7 +35,10 @@ import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from torch.overrides import TorchFunctionMode
+
+from flaxcnn.models.nn import ReLU
 
 _TORCH_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
@@ -69,29 +72,34 @@ def record_torch_relu_inputs():
 
 
 @contextmanager
-def record_flax_relu_inputs():
-    """Collect the input of every ``jax.nn.relu`` call in the block, in call order (NCHW numpy).
+def record_flax_relu_inputs(model: nnx.Module):
+    """Collect the input of every ReLU layer call of ``model`` in the block, in call order (NCHW numpy).
 
-    ``jax.nn.relu`` is looked up at call time by flaxcnn's models; it is wrapped for the block
-    only. Works eagerly and under ``nnx.value_and_grad`` (the callback receives primal values).
+    The seam is explicit: each :class:`flaxcnn.models.nn.ReLU` of ``model`` gets a ``tap`` for
+    the block (put back after it), which reports its concrete input through
+    ``jax.debug.callback``; eagerly, under ``nnx.value_and_grad`` and under ``jax.jit`` alike. A
+    ReLU written inline as ``jax.nn.relu(x)`` has no seam and is not seen: the calls then do not
+    pair and nothing is replayed (:func:`decisions_to_replay` says so).
     """
     inputs: list[np.ndarray] = []
-    original = jax.nn.relu
 
     def keep(value) -> None:
         value = np.asarray(value)
         inputs.append(np.transpose(value, (0, 3, 1, 2)) if value.ndim == 4 else value.copy())
 
-    def recording_relu(x):
+    def tap(x: jax.Array) -> None:
         jax.debug.callback(keep, jax.lax.stop_gradient(x), ordered=True)
-        return original(x)
 
-    jax.nn.relu = recording_relu
+    relus = [layer for _, layer in nnx.iter_modules(model) if isinstance(layer, ReLU)]
+    saved = [layer.tap for layer in relus]
+    for layer in relus:
+        layer.tap = tap
     try:
         yield inputs
         jax.effects_barrier()
     finally:
-        jax.nn.relu = original
+        for layer, previous in zip(relus, saved):
+            layer.tap = previous
 
 
 @dataclass

@@ -1,12 +1,10 @@
-"""Shared test settings: float32 parity needs full-precision matmuls on every backend."""
+"""Shared test settings. Nothing here changes library state: the parity checks scope their own
+precision (:mod:`parity.precision`), and a check that forgets to fails tests/test_parity_precision.py."""
 
 import os
 from pathlib import Path
 
-import jax
 import pytest
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 SHARED_DATA = Path(os.environ.get("FLAXCNN_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

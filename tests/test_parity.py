@@ -94,7 +94,7 @@ def test_lab_netdepth_as_written_cannot_train():
 def test_torch_mask_replay_reproduces_the_recorded_run():
     import torch
 
-    from parity.checks import _torch_loss
+    from parity.losses import torch_loss
     from parity.dropout import record_torch_masks, replay_torch_masks
 
     spec = get_model("convnet")  # Dropout2d after a conv and Dropout before the last Linear
@@ -110,7 +110,7 @@ def test_torch_mask_replay_reproduces_the_recorded_run():
     with replay_torch_masks(again, masks):
         replayed = again(x)
     np.testing.assert_allclose(replayed.detach().numpy(), out.detach().numpy(), atol=1e-6, rtol=0)
-    assert _torch_loss(spec, replayed, y).item() == pytest.approx(_torch_loss(spec, out, y).item(), abs=1e-6)
+    assert torch_loss(spec.loss, replayed, y).item() == pytest.approx(torch_loss(spec.loss, out, y).item(), abs=1e-6)
 
 
 def test_relu_kinks_counts_near_zero_inputs_and_measures_the_flip(capsys):

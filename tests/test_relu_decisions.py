@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 from flaxcnn import convert
+from flaxcnn.models.nn import ReLU
 from flaxcnn.models.registry import get_model
 from parity.checks import check_model
 from parity.relu_decisions import (
@@ -60,16 +61,21 @@ def test_flax_relus_are_recorded_under_value_and_grad_in_nchw():
     class Tiny(nnx.Module):
         def __init__(self):
             self.scale = nnx.Param(jnp.ones(()))
+            self.relu = ReLU()
 
         def __call__(self, x):
-            return jax.nn.relu(self.scale * x).sum()
+            return self.relu(self.scale * x).sum() + jax.nn.relu(x).sum()  # the inline call has no seam
 
     x = jnp.arange(24, dtype=jnp.float32).reshape(1, 2, 3, 4) - 10.0  # NHWC
-    with record_flax_relu_inputs() as seen:
-        nnx.value_and_grad(lambda m: m(x))(Tiny())
+    model = Tiny()
+    with record_flax_relu_inputs(model) as seen:
+        nnx.value_and_grad(lambda m: m(x))(model)
     assert len(seen) == 1 and seen[0].shape == (1, 4, 2, 3)
     np.testing.assert_array_equal(seen[0], np.transpose(np.asarray(x), (0, 3, 1, 2)))
-    assert jax.nn.relu.__name__ == "relu"  # restored after the block
+    assert model.relu.tap is None  # the seam is put back after the block
+    with record_flax_relu_inputs(model) as seen_jitted:
+        nnx.jit(lambda m: m(x))(model)
+    assert len(seen_jitted) == 1
 
 
 def test_a_conversion_that_moves_relu_inputs_is_not_excused():
@@ -98,6 +104,7 @@ class _TinyFlax(nnx.Module):
 
     def __init__(self, torch_model: _TinyTorch, shift: float):
         self.shift = shift
+        self.relu = ReLU()
         self.fc1, self.fc2 = nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 2, rngs=nnx.Rngs(0))
         for name in ("fc1", "fc2"):
             layer, source = getattr(self, name), getattr(torch_model, name)
@@ -105,7 +112,7 @@ class _TinyFlax(nnx.Module):
             layer.bias[...] = jnp.asarray(source.bias.detach().numpy())
 
     def __call__(self, x):
-        return self.fc2(jax.nn.relu(self.fc1(x) + self.shift))
+        return self.fc2(self.relu(self.fc1(x) + self.shift))
 
 
 def _tiny_pair(shift: float):

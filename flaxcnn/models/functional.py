@@ -67,7 +67,8 @@ _hardswish = _with_derivative(lambda x, _: x * jnp.minimum(jnp.maximum(x + 3, 0)
                               lambda x, _: jnp.where(x <= -3, 0, jnp.where(x < 3, x / 3 + 0.5, 1)).astype(x.dtype))
 # forward: min(max(x + 3, 0), 6) / 6; backward: 1/6 strictly inside (-3, 3), else 0
 _hardsigmoid = _with_derivative(lambda x, _: jnp.minimum(jnp.maximum(x + 3, 0), 6) / 6,
-                                lambda x, _: jnp.where((x > -3) & (x < 3), 1 / 6, 0).astype(x.dtype))
+                                # PyTorch's backward kernel holds 1/6 as a float (1.0f / 6.0f), in float64 too
+                                lambda x, _: jnp.where((x > -3) & (x < 3), np.float32(1 / 6), 0).astype(x.dtype))
 # forward: x > 0 ? x : x * slope; backward: x > 0 ? 1 : slope (slope at 0)
 _leaky_relu = _with_derivative(lambda x, slope: jnp.where(x > 0, x, x * slope),
                                lambda x, slope: jnp.where(x > 0, 1, slope).astype(x.dtype))

@@ -16,6 +16,7 @@ from flaxcnn.models.layers import (
     BatchNorm2d, Dropout, Dropout2d, check_init, check_input, conv2d, linear, nchw_to_nhwc,
 )
 from flaxcnn.models.conv_policy import DEFAULT
+from flaxcnn.models.nn import ReLU
 from flaxcnn.models.ops import global_avg_pool, max_pool
 
 SPEECH_CHW = (1, 99, 26)
@@ -29,6 +30,7 @@ class ConvNet(nnx.Module):
         init = check_init(init)
         self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.conv1 = conv2d(1, 10, 10, 0, init=init, rngs=rngs)
+        self.relu = ReLU()  # a layer, not jax.nn.relu inline: the parity checks' seam (``tap``)
         self.conv1_drop = Dropout2d(0.2, rngs=rngs)
         self.drop1 = Dropout(0.2, rngs=rngs)
         self.fc1 = linear(880, 100, init=init, rngs=rngs)
@@ -38,7 +40,7 @@ class ConvNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nchw_to_nhwc(check_input(x, SPEECH_CHW, "ConvNet"))
         x = self.conv1(x)
-        x = jax.nn.relu(max_pool(x, 4, self.conv_policy))
+        x = self.relu(max_pool(x, 4, self.conv_policy))
         x = self.conv1_drop(x)
         x = x.reshape(x.shape[0], -1)
         x = self.fc1(x)
@@ -48,7 +50,8 @@ class ConvNet(nnx.Module):
 
 
 class SpeechNet(nnx.Module):
-    """The lab's exercise answer: a small all-3x3 CNN that generalises to unseen speakers.
+    """A small all-3x3 CNN for unseen speakers: the small-model baseline beside the exercise's
+    :class:`SpeechResNet`.
 
     ``bn0`` (BatchNorm2d(1)) normalises the raw log energies, then one block per entry of
     ``channels``: conv 3x3 (padding 1) -> BatchNorm2d -> ReLU, followed by max-pool 2 except
@@ -67,6 +70,7 @@ class SpeechNet(nnx.Module):
         self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.num_blocks = len(channels)
         self.bn0 = BatchNorm2d(1)
+        self.relu = ReLU()  # a layer, not jax.nn.relu inline: the parity checks' seam (``tap``)
         for i, (c_in, c_out) in enumerate(zip((1, *channels[:-1]), channels), start=1):
             setattr(self, f"conv{i}", conv2d(c_in, c_out, 3, 1, init=init, rngs=rngs))
             setattr(self, f"bn{i}", BatchNorm2d(c_out))
@@ -76,7 +80,7 @@ class SpeechNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.bn0(nchw_to_nhwc(check_input(x, SPEECH_CHW, "SpeechNet")))
         for i in range(1, self.num_blocks + 1):
-            x = jax.nn.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+            x = self.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
             if i < self.num_blocks:  # the last block is averaged over all positions instead
                 x = max_pool(x, 2, self.conv_policy)
         x = self.drop(global_avg_pool(x))
@@ -105,6 +109,7 @@ class SpeechResNet(nnx.Module):
         self.conv_policy = DEFAULT  # which implementation runs each pool (see conv_policy.apply)
         self.channels, self.blocks = tuple(channels), int(blocks)
         self.bn_in = BatchNorm2d(1)
+        self.relu = ReLU()  # a layer, not jax.nn.relu inline: the parity checks' seam (``tap``)
         self.stem = conv2d(1, channels[0], 3, 1, init=init, rngs=rngs)
         self.stem_bn = BatchNorm2d(channels[0])
         c_in = channels[0]
@@ -126,14 +131,14 @@ class SpeechResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.bn_in(nchw_to_nhwc(check_input(x, SPEECH_CHW, "SpeechResNet")))
-        x = jax.nn.relu(self.stem_bn(self.stem(x)))
+        x = self.relu(self.stem_bn(self.stem(x)))
         for name, _ in self.block_names():
             if name.rsplit("b", 1)[1] == "1":  # first block of a stage
                 x = max_pool(x, 2, self.conv_policy)
             layer = lambda suffix: getattr(self, f"{name}_{suffix}")  # noqa: E731
-            out = jax.nn.relu(layer("bn1")(layer("conv1")(x)))
+            out = self.relu(layer("bn1")(layer("conv1")(x)))
             out = layer("bn2")(layer("conv2")(out))
             shortcut = layer("proj_bn")(layer("proj")(x)) if hasattr(self, f"{name}_proj") else x
-            x = jax.nn.relu(out + shortcut)
+            x = self.relu(out + shortcut)
         x = self.drop(global_avg_pool(x))
         return jax.nn.log_softmax(self.fc(x), axis=1)

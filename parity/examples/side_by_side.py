@@ -1,7 +1,7 @@
 """Train a PyTorch model and its Flax port side by side, step by step, on the same batches.
 
 Plain SGD on both sides (``torch.optim.SGD`` and ``p - lr * g`` on every ``nnx.Param``), the
-same loss, dropout masks drawn by PyTorch and replayed in Flax (:func:`parity.layers.replay_masks`),
+same loss, dropout masks drawn by PyTorch and replayed in Flax (:func:`parity.dropout.replay_flax_masks`),
 BatchNorm in training mode. After each step: both losses and the largest difference between
 any parameter or buffer, compared in PyTorch's layout.
 """
@@ -19,7 +19,7 @@ import torch
 from flax import nnx
 
 from flaxcnn import convert
-from parity.layers import record_exact_masks, replay_masks
+from parity.dropout import record_torch_masks, replay_flax_masks
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ def train_side_by_side(torch_model: torch.nn.Module, flax_model: nnx.Module,
 
     for i, (x, y) in enumerate(batches, start=1):
         optimizer.zero_grad()
-        with record_exact_masks(torch_model) as masks:
+        with record_torch_masks(torch_model) as masks:
             loss_t = torch.nn.functional.cross_entropy(torch_model(torch.from_numpy(x)), torch.from_numpy(y).long())
         loss_t.backward()
         optimizer.step()
-        with replay_masks(flax_model, masks):
+        with replay_flax_masks(flax_model, masks):
             loss_f, grads = nnx.value_and_grad(loss_fn)(flax_model, jnp.asarray(x), jnp.asarray(y, jnp.int32))
         params = nnx.state(flax_model, nnx.Param)
         nnx.update(flax_model, jax.tree.map(lambda p, g: p - lr * g, params, grads))

@@ -46,8 +46,17 @@ def torch_layer_type(module: nn.Module) -> type | None:
 
 
 def is_custom(module: nn.Module) -> bool:
-    """A module the port writes an NNX class for: user code, not a container."""
+    """A module the port writes an NNX class for: user code, not a container (a user's subclass of
+    nn.Sequential is one: it becomes an nnx.Sequential subclass)."""
+    if isinstance(module, nn.Sequential):
+        return not type(module).__module__.startswith("torch.")
     return not isinstance(module, CONTAINERS) and torch_layer_type(module) is None
+
+
+def indexed(module: nn.Module) -> bool:
+    """An nn.Sequential whose children are named 0, 1, ... (an nnx.Sequential keeps those keys);
+    one built from an OrderedDict is named and becomes an nnx.Dict or a class with attributes."""
+    return isinstance(module, nn.Sequential) and all(n == str(i) for i, (n, _) in enumerate(module.named_children()))
 
 
 class LeafTracer(fx.Tracer):
@@ -60,7 +69,7 @@ class LeafTracer(fx.Tracer):
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return not isinstance(m, CONTAINERS)
+        return is_custom(m) or not isinstance(m, CONTAINERS)
 
 
 def user_frame(frames) -> str:
@@ -182,4 +191,4 @@ def capture(model: nn.Module, example: np.ndarray | torch.Tensor) -> Capture:
     return Capture(root, instances, tuple(int(d) for d in x.shape[1:]), output)
 
 
-__all__ = ["Capture", "Instance", "capture", "is_custom", "torch_layer_type", "node_source", "trace", "MODES"]
+__all__ = ["Capture", "Instance", "capture", "is_custom", "indexed", "torch_layer_type", "node_source", "trace", "MODES"]

@@ -14,11 +14,12 @@ code differs in structure (a block with a downsample and one without) become num
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from flaxcnn.port.capture import Capture, Instance, is_custom
+from flaxcnn.port.capture import Capture, Instance, indexed, is_custom
 from flaxcnn.port.errors import UnsupportedModelError, UnsupportedNode
 from flaxcnn.port.layers import compact, layer_spec
 from flaxcnn.port.ops import (REQUIRED, RESERVED, SUPPORTED, TOKEN_RE, Body, ChildCtor, ContainerCtor, FnAttrs,
@@ -98,8 +99,10 @@ class Generator:
 
     def ctor(self, inst: Instance, module: nn.Module, target: str, slots: Slots):
         path = inst.child_path(target)
+        if is_custom(module):
+            return ChildCtor(path)
         if isinstance(module, nn.Sequential):
-            return ContainerCtor("Sequential", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
+            return ContainerCtor("Sequential" if indexed(module) else "Dict", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
                                                 for n, m in module.named_children()])
         if isinstance(module, nn.ModuleList):
             return ContainerCtor("List", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
@@ -269,6 +272,7 @@ class Generator:
             found = [getattr(c.inst.module, p, missing) for c in variant.codes]
             if all(f is not missing and _key(compact(f)) == _key(v) for f, v in zip(found, values)) and p not in taken:
                 return p
+        fallback = re.sub(r"(^|_)(\d)", r"\1layer\2", fallback)  # "0_in_channels" -> "layer0_in_channels"
         name, k = fallback, 2
         while name in taken:
             name, k = f"{fallback}_{k}", k + 1
@@ -316,13 +320,14 @@ class Generator:
         flat = opening + ", ".join(inner) + closing
         if len(flat) + len(end) + 20 <= MAX_LINE or not inner:
             return flat
-        return opening + "\n" + "".join(f"{pad}{t},\n" for t in inner) + end + closing
+        return opening + "\n" + "".join(f"{wrap(pad + t)},\n" for t in inner) + end + closing
 
     def render_class(self, variant: Variant) -> list[str]:
         code = variant.codes[0]
         t = variant.torch_class
-        # a top-level nn.Sequential is an nnx.Sequential (its children keep their indices as keys)
-        top_sequential = variant.is_top and isinstance(code.inst.module, nn.Sequential)
+        # an nn.Sequential (subclass) is an nnx.Sequential (its children keep their indices as keys)
+        top_sequential = indexed(code.inst.module)
+        inherit_call = top_sequential and not variant.is_top and type(code.inst.module).forward is nn.Sequential.forward
         out = [f"class {variant.name}({'nnx.Sequential' if top_sequential else 'nnx.Module'}):",
                f'{INDENT}"""{t.__qualname__} (torch: {t.__module__}.{t.__qualname__})'
                + (f", {len(variant.codes)} instances" if len(variant.codes) > 1 else "") + '."""', ""]
@@ -330,7 +335,8 @@ class Generator:
             chw = tuple(self.capture.input_chw)
             out += [f"{INDENT}input_chw = {literal_text(chw)}", f'{INDENT}loss = "{self.loss}"', ""]
         args = [a.name for a in variant.args]
-        out.append(f"{INDENT}def __init__(self, {''.join(a + ', ' for a in args)}dtype=jnp.float32, *, rngs: nnx.Rngs):")
+        out.append(wrap(f"{INDENT}def __init__(self, {''.join(a + ', ' for a in args)}dtype=jnp.float32, *, "
+                        "rngs: nnx.Rngs):"))
         body = [f"self.{a.name} = {a.name}" for a in variant.args if a.stored]
         if top_sequential:
             items = ContainerCtor("Sequential", [(n, c) for n, c in code.init if n.isdigit()])
@@ -343,6 +349,8 @@ class Generator:
         if not body:
             body = ["pass"]
         out += [wrap(INDENT * 2 + ln) for ln in body]
+        if inherit_call:  # nnx.Sequential's __call__ chains the layers as torch's forward does
+            return out
         out += ["", f"{INDENT}def __call__(self, {', '.join(code.params)}):"]
         for ln in code.lines:
             text = TOKEN_RE.sub(lambda m: self.slot_text(variant, int(m.group(1)), True), ln)
@@ -419,15 +427,17 @@ def wrap(line: str) -> str:
     """A long ``name = f(a, b, ...)`` line as a call with its arguments on continuation lines."""
     if len(line) <= MAX_LINE or "\n" in line:
         return line
+    suffix = ":" if line.endswith("):") else ""  # a def line
+    line = line[:-1] if suffix else line
     indent = line[: len(line) - len(line.lstrip())]
     opening = line.find("(")
     if opening < 0 or not line.endswith(")"):
-        return line
+        return line + suffix
     depth = 0
     for i in range(opening, len(line)):
         depth += {"(": 1, ")": -1}.get(line[i], 0)
         if depth == 0 and i != len(line) - 1:
-            return line  # the first call does not span the line
+            return line + suffix  # the first call does not span the line
     args = _split_top(line[opening + 1:-1])
     pad = indent + INDENT
     rows, row = [], ""
@@ -439,7 +449,7 @@ def wrap(line: str) -> str:
         else:
             row = f"{row} {piece}" if row else piece
     rows.append(row.rstrip(","))
-    return line[: opening + 1] + "\n" + "\n".join(pad + r for r in rows) + ")"
+    return line[: opening + 1] + "\n" + "\n".join(pad + r for r in rows) + ")" + suffix
 
 
 def generate(capture: Capture, *, class_name: str | None = None, loss: str = "cross_entropy") -> str:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.fx.node import _get_qualified_name
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from flaxcnn.port.capture import Instance, is_custom, node_source
+from flaxcnn.port.capture import Instance, indexed, is_custom, node_source
 from flaxcnn.port.errors import UnsupportedNode
 from flaxcnn.port.layers import ALWAYS, POSITIONAL, layer_spec, supported_layers
 
@@ -482,8 +482,10 @@ class Body:
         """``self.<...>`` for a dotted torch path: containers by index/key, modules by attribute."""
         expr, module = "self", self.inst.module
         for part in target.split("."):
-            if isinstance(module, nn.Sequential):
+            if isinstance(module, nn.Sequential) and indexed(module):
                 expr += f".layers[{part}]"
+            elif isinstance(module, nn.Sequential) and not is_custom(module):
+                expr += f"[{part!r}]"  # a named nn.Sequential is an nnx.Dict
             elif isinstance(module, nn.ModuleList):
                 expr += f"[{part}]"
             elif isinstance(module, nn.ModuleDict):
@@ -497,7 +499,9 @@ class Body:
         module = self.inst.module.get_submodule(prefix)
         out = []
         for name, child in module.named_children():
-            if isinstance(child, nn.Sequential):
+            if isinstance(child, nn.Sequential) and not is_custom(child):
+                if not indexed(child):
+                    return None
                 inner = self.sequential_leaves(f"{prefix}.{name}")
                 if inner is None:
                     return None
@@ -514,7 +518,7 @@ class Body:
         module = self.inst.module
         for j in range(1, len(parts)):
             module = module.get_submodule(parts[j - 1])
-            if not isinstance(module, nn.Sequential):
+            if not indexed(module) or is_custom(module):
                 continue
             prefix = ".".join(parts[:j])
             leaves = self.sequential_leaves(prefix)

@@ -6,7 +6,7 @@ Both train on the speaker-disjoint 80/10/10 split (fixed split seed 42, so every
 scored on the same held-out speakers). ConvNet uses the speech lab's settings (preset
 ``speech-convnet``: SGD momentum 0.9, batch 256, 150 epochs, lr 1e-3 -- the top of the lab's
 LR-finder sweep; 1e-2 diverges on these unnormalised features), SpeechNet its preset
-``speech-speechnet``. Settings were chosen on the validation split; the test split is read once
+``speech-baseline``. Settings were chosen on the validation split; the test split is read once
 per run, after the last epoch. Writes ``OUT/speech.json`` and ``OUT/speech.md``.
 """
 
@@ -22,7 +22,7 @@ from flaxcnn.data import load_dataset
 from flaxcnn.train.config import TrainConfig, apply_preset
 from flaxcnn.train.loop import fit
 
-PRESETS = {"convnet": "speech-convnet", "speechnet": "speech-speechnet"}
+PRESETS = {"convnet": "speech-convnet", "speechnet": "speech-baseline"}
 
 
 def main(argv=None) -> int:

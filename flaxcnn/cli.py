@@ -168,8 +168,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
+    from flaxcnn.extras import require
 
+    torch = require("torch", "flaxcnn export")
     from flaxcnn import convert
     from flaxcnn.train.loop import load_run
     from flaxcnn.train.state import to_model
@@ -185,6 +186,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
+    from flaxcnn.extras import require
+
+    require("torch", "flaxcnn parity")  # the PyTorch references
     from parity.__main__ import main as parity_main
 
     return parity_main(([] if args.json is None else ["--json", args.json]) + (["--models", *args.models]

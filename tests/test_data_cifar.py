@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flaxcnn.extras import MissingExtraError
+
 from flaxcnn.data import cifar as cifar_module
 from flaxcnn.data.cifar import dataset_name, load_cifar, read_sample, stratified_holdout
 from flaxcnn.data.cifar_raw import CIFAR10_CLASSES
@@ -390,7 +392,7 @@ def test_tfds_cifar10_not_in_array_record_format(tmp_path):
 def test_tfds_missing_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "cifar10").mkdir()
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
-    with pytest.raises(DataError, match=r"pip install flaxcnn\[tfds\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'flaxcnn\[tfds\]'"):
         load_cifar(tmp_path, source="tfds")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from flaxcnn.data.cifar_raw import RawCifar, class_names_or_default
+from flaxcnn.extras import require
 from flaxcnn.errors import DataError
 
 TFDS_NAME = "cifar10"
@@ -38,15 +39,8 @@ def has_tfds_cifar10(data_dir: str | os.PathLike, *, prepared: bool = False) -> 
 
 
 def import_tfds() -> ModuleType:
-    """tensorflow_datasets, or a DataError that says how to install it."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise DataError(
-            "reading CIFAR-10 through tensorflow_datasets needs the optional extra: "
-            "pip install flaxcnn[tfds] (or pass a cifar-10-batches-py folder instead)"
-        ) from e
-    return tfds
+    """tensorflow_datasets, or a one-line error that says how to install it."""
+    return require("tensorflow_datasets", "reading CIFAR-10 from a tensorflow_datasets folder")
 
 
 def read_tfds(data_dir: str | os.PathLike | None) -> RawCifar:

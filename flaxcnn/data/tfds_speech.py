@@ -17,6 +17,7 @@ import numpy as np
 
 from flaxcnn.data.logfbank import clips_to_features
 from flaxcnn.data.splits import SplitIndices
+from flaxcnn.extras import require
 from flaxcnn.errors import DataError
 
 BUILDER = "speech_commands"
@@ -42,8 +43,8 @@ def read_tfds_speech(data_dir: Path) -> tuple[np.ndarray, np.ndarray, tuple[str,
 
     The three tfds splits are concatenated in train, validation, test order.
     """
+    tfds = require("tensorflow_datasets", "reading Speech Commands from a tensorflow_datasets folder")
     require_tensorflow()
-    import tensorflow_datasets as tfds  # noqa: PLC0415 - optional dependency
 
     builder = tfds.builder(BUILDER, data_dir=str(data_dir))
     if not builder.is_prepared():

@@ -338,7 +338,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                        "(the lab trains with its LR finder's suggestion from a 1e-8..1e-3 sweep: add --lr-find)",
                        dict(model="convnet", dataset="speech", split="lab", lr=1e-3, momentum=0.9, batch_size=256,
                             epochs=150)),
-    "speech-speechnet": ("the speech lab's exercise: SpeechNet on speakers unseen in training",
+    "speech-baseline": ("SpeechNet (25k parameters) on speakers unseen in training: the small-model baseline "
+                        "that speech-exercise is measured against",
                          dict(model="speechnet", dataset="speech", split="speaker", lr=2e-2, momentum=0.9,
                               batch_size=64, epochs=40, weight_decay=5e-4, schedule="cosine")),
     "speech-exercise": ("the speech exercise, chosen by speaker-grouped cross-validation (README): SpeechResNet, "

@@ -212,6 +212,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_port(args: argparse.Namespace) -> int:
+    from flaxcnn.port.cli import run
+
+    return run(args.model, args.input_shape, args.out, kwargs=args.kwargs, state_dict=args.state_dict,
+               batch=args.batch, class_name=args.class_name)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from flaxcnn.models.registry import MODELS
     from flaxcnn.tune import resolve_models, tune
@@ -316,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="the training batch to time (default 64)")
     p.add_argument("--out", required=True, help="the policy file to write (use it with --conv-policy FILE)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("port", help="port a PyTorch model (FILE.py:NAME) to a Flax NNX module with a proof")
+    p.add_argument("model", help="FILE.py:NAME, NAME an nn.Module class or a function returning one")
+    p.add_argument("--input-shape", required=True, help="C,H,W of one input, e.g. 3,32,32")
+    p.add_argument("--kwargs", help='JSON object of NAME\'s arguments, e.g. \'{"num_classes": 10}\'')
+    p.add_argument("--state-dict", help="weights to port (torch.save(model.state_dict()), read weights_only)")
+    p.add_argument("--batch", type=int, default=4, help="examples in the traced and proven batch (default 4)")
+    p.add_argument("--class-name", help="the top NNX class's name (default: the torch class's)")
+    p.add_argument("--out", required=True, help="folder for model.py, weights.npz and parity.json")
+    p.set_defaults(func=cmd_port)
 
     sub.add_parser("presets", help="list the named lab runs").set_defaults(func=cmd_presets)
     sub.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)

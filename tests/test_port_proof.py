@@ -1,5 +1,7 @@
 """The port's proof passes on equal modules, in float32 and float64, and fails on planted bugs, naming the layer."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,10 +82,16 @@ def _assert_within_tolerances(proof: Proof):
             assert row["passed"]
 
 
-def test_a_hand_written_port_passes_in_both_dtypes():
+@pytest.fixture(scope="module")
+def small_proof():
+    """The hand-written pair's proof, with the torch module's state before it ran."""
     tmodel, build = _small_pair()
     before = {k: v.clone() for k, v in tmodel.state_dict().items()}
-    proof = prove(tmodel, build, _input())
+    return tmodel, before, prove(tmodel, build, _input())
+
+
+def test_a_hand_written_port_passes_in_both_dtypes(small_proof):
+    tmodel, before, proof = small_proof
     assert proof.passed, proof.format()
     assert proof.first_divergent_layer is None and proof.loss == "cross_entropy"
     _assert_within_tolerances(proof)
@@ -99,18 +107,17 @@ def test_a_hand_written_port_passes_in_both_dtypes():
     assert sum(line.endswith("PASS") for line in text.splitlines()) == 10 and "FAIL" not in text
 
 
-def test_as_json_holds_what_parity_json_needs():
-    tmodel, build = _small_pair()
-    data = prove(tmodel, build, _input(), steps=1).as_json()
+def test_as_json_holds_what_parity_json_needs(small_proof):
+    data = small_proof[2].as_json()
     assert {"passed", "first_divergent_layer", "loss", "float32", "float64", "tolerances"} <= set(data)
     for dtype in DTYPES:
         assert set(data[dtype]) == set(PARTS)
         for row in data[dtype].values():
             assert {"max_abs_diff", "max_abs_ref", "tensor", "ratio", "tol", "passed"} <= set(row)
     assert data["tolerances"]["float64"]["steps"] == 1e-10
-    import json
-
-    json.dumps(data, allow_nan=False)
+    assert data["passed"] is True and data["first_divergent_layer"] is None
+    assert data["settings"] == {"steps": 3, "lr": 0.01, "seed": 0}
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
 
 
 # ------------------------------------------------------------------------------- registered mirrors

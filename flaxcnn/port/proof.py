@@ -13,15 +13,28 @@
 
 float32 runs JAX at full matmul precision, float64 runs PyTorch's ``.double()`` copy against the
 port built with ``jnp.float64`` inside ``jax.enable_x64`` (both scoped to the proof). The loss
-follows the output (:func:`choose_loss`). Per tensor, ``ratio = max|flax - torch| / max|torch|``
-(against the tolerance as an absolute difference where the PyTorch tensor is all zeros), so a
-wrong tensor with small values is not hidden by a large one; each part reports its worst tensor.
-Parameters are compared in PyTorch's layout (:func:`flaxcnn.convert.to_numpy_state_dict`).
+follows the output (:func:`choose_loss`) and is written once per side (:mod:`parity.losses`).
+Parameters and buffers are compared in PyTorch's keys and layout
+(:func:`flaxcnn.convert.to_numpy_state_dict`); the optimiser is plain SGD on both sides
+(``torch.optim.SGD``, ``optax.sgd``).
+
+The metric, per tensor: ``ratio = max|flax - torch| / scale`` with ``scale = max|torch|``, so a
+wrong tensor with small values is not hidden by a large one; each part reports its worst tensor
+(``max_abs_diff``, ``max_abs_ref``, ``scale``, ``ratio``, ``tol``, ``passed``). One exception, in
+the gradients and the steps: a tensor whose exact value is zero (the gradient of a conv bias that
+a BatchNorm follows; its change over the steps) holds rounding noise on both sides, and its ratio
+to its own size is noise over noise. Such a tensor is measured against its layer's noise floor,
+``scale = max(max|torch|, NOISE_ULPS * eps * max|torch| of its layer's largest tensor / tol)``,
+i.e. it passes when it differs by at most :data:`NOISE_ULPS` rounding errors of its layer's
+scale (the report marks the rows measured so); a tensor 1% wrong is still caught unless it is
+over ~600 times (float64: ~10^11 times) smaller than its layer's largest. Where ``scale`` is 0 the
+difference is checked as an absolute one.
 
 When a part is over tolerance, the first divergent layer is named by
-:func:`parity.layers.compare_layers` (float32), or, where it cannot say (an MSE loss, draws it
-does not replay, a divergence only float64 shows), by the first layer in PyTorch's
-``named_modules`` order whose parameter gradients or buffers are over tolerance.
+:func:`parity.layers.compare_layers` on the float32 pair (for an MSE proof on the outputs
+flattened as logits); where it cannot say (draws other than dropout modules', a divergence
+only float64 shows), by the first layer in PyTorch's ``named_modules`` order whose parameter
+gradients or buffers are over tolerance.
 """
 
 from __future__ import annotations
@@ -261,7 +274,9 @@ def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, los
         torch_loss(loss, out, target).backward()
         if k == 0:
             train_forward = _numpy(out)
-            grads = {n: _numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+            # a parameter the loss does not reach has no .grad: its gradient is zero
+            grads = {n: _numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape), _numpy(p).dtype)
+                     for n, p in model.named_parameters()}
         opt.step()
         if k == 0:
             buffers = {n: _numpy(v) for n, v in model.state_dict().items() if n not in param_names}
@@ -331,7 +346,9 @@ def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, dra
             buffers = {n: v for n, v in _torch_keyed(graphdef, params, rest).items() if n not in param_names}
     final = _torch_keyed(graphdef, params, rest)
     deltas = {n: final[n].astype(np.float64) - w0[n].astype(np.float64) for n in final}
-    notes = [f"{mode} mode: PyTorch drew {given} random mask(s) per pass, the port replayed {used} (a random "
+    notes = [f"the port's output is {out.dtype}, not {x.dtype}: it does not compute in {x.dtype} end to end"
+             for out in (forward, train_forward) if out.dtype != x.dtype][:1]
+    notes += [f"{mode} mode: PyTorch drew {given} random mask(s) per pass, the port replayed {used} (a random "
              "layer other than flaxcnn's Dropout/Dropout2d/Bernoulli draws its own)"
              for mode, used, given in dict.fromkeys(replays) if used != given]
     return SideRun(forward, train_forward, grads, buffers, deltas, notes=notes)
@@ -401,9 +418,9 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
         raise ConfigError(f"example_input must be a floating-point NCHW batch, got dtype {x.dtype}")
     probe = copy.deepcopy(torch_module).float().eval()
     with torch.no_grad(), TorchDraws(torch.Generator().manual_seed(seed)):
-        loss: Loss = choose_loss(probe(torch.from_numpy(x.astype(np.float32))))  # type: ignore[assignment]
-        out_shape = tuple(probe(torch.from_numpy(x.astype(np.float32))).shape)
-    target = _targets(loss, out_shape, seed)
+        out = probe(torch.from_numpy(x.astype(np.float32)))
+    loss: Loss = choose_loss(out)  # type: ignore[assignment]
+    target = _targets(loss, tuple(out.shape), seed)
 
     diffs: dict[str, dict[str, dict[str, TensorDiff]]] = {}
     draws: dict[str, list[list]] = {}

@@ -419,6 +419,10 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
     probe = copy.deepcopy(torch_module).float().eval()
     with torch.no_grad(), TorchDraws(torch.Generator().manual_seed(seed)):
         out = probe(torch.from_numpy(x.astype(np.float32)))
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        raise ProofError(f"the torch module returns {type(out).__name__}"
+                         + (" (a scalar)" if isinstance(out, torch.Tensor) else "")
+                         + "; the proof takes modules that return one batched tensor (N, ...)")
     loss: Loss = choose_loss(out)  # type: ignore[assignment]
     target = _targets(loss, tuple(out.shape), seed)
 

@@ -265,6 +265,23 @@ def test_the_jitted_step_takes_each_steps_masks_as_arguments():
         assert np.any(g[~dropped_everywhere] != 0)
 
 
+@pytest.mark.parametrize("draw", [
+    lambda x: tnn.functional.dropout(x, 0.3),
+    lambda x: tnn.Dropout2d(0.5)(x),
+    lambda x: x * torch.empty(x.shape[0], 1, 1, 1).bernoulli_(0.8),
+])
+def test_torch_draws_give_torchs_own_result(draw):
+    """From the same seed, the intercepted draw is bit for bit what PyTorch's own kernel gives."""
+    from flaxcnn.port.draws import TorchDraws
+
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    ref = draw(x)
+    with TorchDraws(torch.Generator().manual_seed(7)) as mode:
+        ours = draw(x)
+    assert torch.equal(ref, ours) and len(mode.draws) == 1
+
+
 def test_draw_layout_for_the_nnx_side():
     mask = np.zeros((2, 3, 1, 1), bool)
     mask[0, 1] = True

@@ -4,7 +4,7 @@ PyTorch and JAX draw different random numbers, so train-mode equality is proven 
 side draw and the other replay. :class:`TorchDraws` is a ``TorchFunctionMode`` around PyTorch's
 forward pass: it takes over ``F.dropout``, ``F.dropout2d`` (what ``nn.Dropout``/``nn.Dropout2d``
 call), ``torch.bernoulli`` and ``Tensor.bernoulli(_)`` (stochastic depth's draw), draws each mask
-itself from the proof's own ``torch.Generator`` (no process-wide random state is read or
+itself from the proof's own ``torch.Generator`` (torch's default generator is neither read nor
 advanced), returns exactly what PyTorch's CPU kernels return (``x * (mask / (1 - p))``; the
 filled tensor) and records the masks in call order. Random draws it cannot replay
 (``torch.rand``, ``F.alpha_dropout``, ...) are refused in one clear error.

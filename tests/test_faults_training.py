@@ -284,6 +284,28 @@ def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path, capsys)
     checkpoints.close()
 
 
+@pytest.mark.parametrize("cut", ["halved files", "item folder gone"])
+def test_a_cut_step_falls_back_with_one_warning_line_and_nothing_else(tmp_path, cut):
+    """The fallback in a fresh process (what a user sees): stderr holds flaxcnn's one warning, not
+    orbax's logged errors or asyncio's shutdown noise; a step missing its item folder does not
+    stop the intact step before it from being read."""
+    checkpoints = Checkpoints(tmp_path)
+    for epoch in (1, 2):
+        checkpoints.save_latest(epoch, tiny_state(epoch))
+    checkpoints.close()
+    step = tmp_path / "checkpoints" / "latest" / "2"
+    cut_files(step) if cut == "halved files" else shutil.rmtree(step / "default")
+    script = ("import sys; sys.path.insert(0, sys.argv[2]); from tests.test_faults_training import tiny_state; "
+              "from flaxcnn.train.checkpoint import Checkpoints; c = Checkpoints(sys.argv[1]); "
+              "print(c.restore('latest', tiny_state(0))[0]); c.close()")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parents[1])],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flaxcnn: warning: unreadable latest checkpoint(s)"), lines
+
+
 # ---------------------------------------------------------------- the run directory
 
 

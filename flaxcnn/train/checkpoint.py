@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -40,6 +41,23 @@ def _from_savable(saved: dict, template: TrainState) -> TrainState:
         lambda t, s: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if _is_key(t) else
         jax.numpy.asarray(s, dtype=t.dtype), tree, saved)
     return template.replace(**restored)
+
+
+@contextlib.contextmanager
+def _orbax_errors_not_logged() -> Iterator[None]:
+    """For the block, orbax's ERROR records (it logs a step it cannot parse through absl before
+    raising) are not printed: :meth:`Checkpoints.restore` reports each unreadable step in its
+    own one-line warning instead."""
+    logger = logging.getLogger("absl")
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    logger.addFilter(below_error)
+    try:
+        yield
+    finally:
+        logger.removeFilter(below_error)
 
 
 def _drop_step(manager: ocp.CheckpointManager, epoch: int) -> None:
@@ -81,10 +99,16 @@ class Checkpoints:
         root = Path(run_dir).absolute() / "checkpoints"
         self.asynchronous = asynchronous
         options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=asynchronous, create=True)
-        self.latest = ocp.CheckpointManager(root / "latest", options=options)
-        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=asynchronous,
-                                                    create=True)
-        self.best = ocp.CheckpointManager(root / "best", options=best_options)
+        # one item, handled by orbax's StandardCheckpointHandler, named here: a manager left to
+        # infer its items from what is on disk takes a cut step (no `default` folder) for another
+        # layout and then refuses the intact steps before it too
+        with _orbax_errors_not_logged():  # opening a manager reads every step's metadata
+            self.latest = ocp.CheckpointManager(root / "latest", options=options,
+                                                item_handlers=ocp.StandardCheckpointHandler())
+            best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=asynchronous,
+                                                        create=True)
+            self.best = ocp.CheckpointManager(root / "best", options=best_options,
+                                              item_handlers=ocp.StandardCheckpointHandler())
         self.best_info_path = root / "best.json"
         self._writing_epoch: dict[int, int] = {}  # id(manager) -> the epoch being written
 
@@ -132,7 +156,8 @@ class Checkpoints:
         problems = []
         for step in steps:
             try:
-                saved = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+                with _orbax_errors_not_logged():
+                    saved = manager.restore(step, args=ocp.args.StandardRestore(abstract))
             except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise plain Exception
                 problems.append(f"epoch {step}: {(str(error).splitlines() or [''])[0][:160]}")
                 continue

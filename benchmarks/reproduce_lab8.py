@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/lab8")
+    parser.add_argument("--out", default="benchmarks/results/lab8-100")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     args = parser.parse_args(argv)

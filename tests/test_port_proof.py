@@ -182,6 +182,21 @@ def test_a_planted_bug_fails_and_names_the_layer(plant, layer, failing):
     assert f"first divergent layer: {layer}" in proof.format()
 
 
+def test_a_port_that_is_not_float64_end_to_end_fails_in_float64():
+    torch.manual_seed(0)
+    tmodel = TorchSmall()
+
+    def build_float32_always(dtype):
+        return convert.load_torch_state_dict(FlaxSmall(jnp.float32, rngs=nnx.Rngs(0)), tmodel.state_dict())
+
+    proof = prove(tmodel, build_float32_always, _input(), steps=1)
+    assert all(proof.parts["float32"][p]["passed"] for p in PARTS)
+    assert not proof.parts["float64"]["forward"]["passed"] and not proof.passed
+    assert proof.parts["float64"]["forward"]["ratio"] > 1e-9  # float32 rounding
+    assert any("output is float32, not float64" in note for note in proof.notes), proof.notes
+    assert proof.first_divergent_layer is not None
+
+
 # ------------------------------------------------------------------------------- stochastic depth
 
 

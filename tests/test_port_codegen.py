@@ -65,7 +65,8 @@ def test_residual_blocks_with_projection_shortcut_and_variants():
     # one block class used three times (4 and 8 channels: an argument), one variant with the downsample
     assert src.count("class BasicBlock(nnx.Module)") == 1 and src.count("class BasicBlock2(nnx.Module)") == 1
     assert "BasicBlock(4, dtype=dtype, rngs=rngs)" in src and "BasicBlock(8, dtype=dtype, rngs=rngs)" in src
-    assert "def __init__(self, conv1_in_channels, dtype=jnp.float32, *, rngs: nnx.Rngs):" in src
+    # named after the torch __init__ parameter passed to the layers (read from its source)
+    assert "def __init__(self, inplanes, dtype=jnp.float32, *, rngs: nnx.Rngs):" in src
     assert "self.downsample = nnx.Sequential(" in src
     assert "x = self.stem(x)" in src  # a Sequential called as a chain is one call
     assert "input_chw = (3, 8, 8)" in src and 'loss = "cross_entropy"' in src

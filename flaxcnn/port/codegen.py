@@ -13,15 +13,17 @@ code differs in structure (a block with a downsample and one without) become num
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from flaxcnn.port.capture import Capture, Instance, indexed, is_custom
 from flaxcnn.port.errors import UnsupportedModelError, UnsupportedNode
-from flaxcnn.port.layers import compact, layer_spec
+from flaxcnn.port.layers import LAYERS, compact, layer_spec
 from flaxcnn.port.ops import (REQUIRED, RESERVED, SUPPORTED, TOKEN_RE, Body, ChildCtor, ContainerCtor, FnAttrs,
                               LayerCtor, Slots, layer_ctor, rank_of)
 
@@ -37,6 +39,54 @@ def literal_text(value) -> str:
     if isinstance(value, tuple):
         return "(" + ", ".join(literal_text(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return repr(value)
+
+
+def init_parameter_hints(cls: type) -> dict[str, str]:
+    """``{slot name: __init__ parameter}`` for layer options the torch class's ``__init__`` passes a
+    parameter to unchanged (``self.conv1 = nn.Conv2d(in_planes, planes, stride=stride)`` gives
+    ``conv1_in_channels: in_planes``, ``conv1_out_channels: planes``, ``conv1_stride: stride``), read
+    from its source; {} where the source cannot be read. Only names come from it: every value is
+    the traced module's own."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return {}
+    func = tree.body[0]
+    if not isinstance(func, ast.FunctionDef):
+        return {}
+    params = {a.arg for a in func.args.args + func.args.kwonlyargs} - {"self"}
+    specs = {t.__name__: spec for t, spec in LAYERS.items()}
+    hints: dict[str, str] = {}
+
+    def join(prefix: str, name) -> str:
+        return f"{prefix}_{name}" if prefix else str(name)
+
+    def visit(call: ast.Call, prefix: str) -> None:
+        func_name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+        if func_name in ("Sequential", "__init__"):
+            for i, a in enumerate(call.args):
+                if isinstance(a, ast.Call):
+                    visit(a, join(prefix, i))
+            return
+        spec = specs.get(func_name)
+        if spec is None:
+            return
+        for i, a in enumerate(call.args):
+            if isinstance(a, ast.Name) and a.id in params and i < len(spec.params):
+                hints.setdefault(join(prefix, spec.params[i].name), a.id)
+        for kw in call.keywords:
+            if kw.arg and isinstance(kw.value, ast.Name) and kw.value.id in params:
+                hints.setdefault(join(prefix, kw.arg), kw.value.id)
+
+    for node in ast.walk(func):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.value, ast.Call):
+            target = node.targets[0]
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                visit(node.value, target.attr)
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
+                isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "__init__":
+            visit(node.value, "")  # super().__init__(layers...) of an nn.Sequential subclass
+    return hints
 
 
 def _key(value) -> str:
@@ -244,6 +294,7 @@ class Generator:
             self.add_child_slots(code)
         first = variant.codes[0]
         in_init, in_call = self.used_slots(first)
+        hints = init_parameter_hints(variant.torch_class)
         groups: dict[tuple, Arg] = {}
         for j in sorted(in_init | in_call):
             values = [c.slots.items[j].value for c in variant.codes]
@@ -256,13 +307,20 @@ class Generator:
                 continue
             arg = groups.get(keys)
             if arg is None:
-                arg = groups[keys] = Arg(self.arg_name(variant, values, slot.name, groups), [])
+                arg = groups[keys] = Arg("", [])
             arg.slots.append(j)
             arg.stored = arg.stored or j in in_call
         variant.args = list(groups.values())
+        taken = RESERVED | {n for n, _ in first.init}
+        for arg in variant.args:
+            values = [c.slots.items[arg.slots[0]].value for c in variant.codes]
+            arg.name = self.arg_name(variant, values, [first.slots.items[j].name for j in arg.slots], taken, hints)
+            taken = taken | {arg.name}
 
-    def arg_name(self, variant: Variant, values: list, fallback: str, groups: dict) -> str:
-        taken = {a.name for a in groups.values()} | RESERVED | {n for n, _ in variant.codes[0].init}
+    def arg_name(self, variant: Variant, values: list, slot_names: list[str], taken: set[str],
+                 hints: dict[str, str]) -> str:
+        """The torch __init__ parameter stored under its own name with these values, else the one
+        the torch __init__ passes to one of these slots, else the first slot's name."""
         try:
             params = [p for p in inspect.signature(variant.torch_class.__init__).parameters if p != "self"]
         except (TypeError, ValueError):
@@ -272,7 +330,10 @@ class Generator:
             found = [getattr(c.inst.module, p, missing) for c in variant.codes]
             if all(f is not missing and _key(compact(f)) == _key(v) for f, v in zip(found, values)) and p not in taken:
                 return p
-        fallback = re.sub(r"(^|_)(\d)", r"\1layer\2", fallback)  # "0_in_channels" -> "layer0_in_channels"
+        for name in slot_names:
+            if hints.get(name) is not None and hints[name] not in taken:
+                return hints[name]
+        fallback = re.sub(r"(^|_)(\d)", r"\1layer\2", slot_names[0])  # "0_in_channels" -> "layer0_in_channels"
         name, k = fallback, 2
         while name in taken:
             name, k = f"{fallback}_{k}", k + 1

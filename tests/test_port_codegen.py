@@ -234,15 +234,26 @@ class StochasticDepth(nn.Module):
         return x * noise
 
 
+class FullDraw(nn.Module):
+    """Stochastic depth drawn as torch.bernoulli(torch.full(...)), in training mode only."""
+
+    def forward(self, x):
+        if self.training:
+            keep = torch.bernoulli(torch.full((x.size(0), 1, 1, 1), 0.5, dtype=x.dtype))
+            x = x * keep / 0.5
+        return x
+
+
 class Modes(nn.Module):
     def __init__(self):
         super().__init__()
         self.block = DropBlock(3)
         self.sd = StochasticDepth(0.25)
+        self.full = FullDraw()
         self.fc = nn.Linear(3 * 4 * 4, 3)
 
     def forward(self, x):
-        x = self.sd(self.block(x)) + x
+        x = self.full(self.sd(self.block(x))) + x
         return self.fc(x.reshape(x.shape[0], -1))
 
 
@@ -252,8 +263,8 @@ def test_train_eval_difference_becomes_deterministic_branch():
     x = example((4, 3, 4, 4))
     result = assert_ports(model, x)
     src = result.source
-    assert src.count("if self.deterministic:") == 2 and src.count("self.deterministic = False") == 2
-    assert "self.dropout_fn0(" in src and "self.bernoulli_fn0(" in src
+    assert src.count("if self.deterministic:") == 3 and src.count("self.deterministic = False") == 3
+    assert "self.dropout_fn0(" in src and src.count("self.bernoulli_fn0 = N.Bernoulli(rngs=rngs)") == 2
     flax = result.module
     flax.train()
     train_out = np.asarray(flax(x))
@@ -303,3 +314,12 @@ def test_unknown_class_name_is_refused(bad):
 
     with pytest.raises(ConfigError, match="identifier"):
         port(TwoStages(), example((2, 3, 6, 6)), class_name=f"{bad}-x", prove=False)
+
+
+def test_port_with_proof_replays_every_draw():
+    pytest.importorskip("flaxcnn.port.proof")
+    from flaxcnn.port import port
+
+    torch.manual_seed(9)
+    result = port(Modes(), example((4, 3, 4, 4)))
+    assert result.proof is not None and result.proof.passed, result.proof.format()

@@ -258,7 +258,8 @@ SUPPORTED = (
     "torch.cat, torch.flatten, add/sub/mul/div/pow (operators, torch.* and Tensor methods, broadcasting), "
     "mean/sum/amax/amin over dims, view/reshape/flatten, permute/transpose/contiguous, squeeze/unsqueeze, "
     "chunk/split, indexing and slicing, size()/shape/ndim/dim(), expand_as, clamp, exp/sqrt/abs, "
-    "stochastic depth draws (torch.empty(...)/x.new_empty(...)/torch.empty_like(x) then .bernoulli_(p))"
+    "stochastic depth draws (torch.empty(...)/x.new_empty(...)/torch.empty_like(x) then .bernoulli_(p), "
+    "torch.bernoulli(torch.full(...)/torch.full_like(x, p)/x.new_full(...)))"
 )
 
 
@@ -283,7 +284,8 @@ class Body:
         self.var: dict[fx.Node, str] = {}
         self.var_nodes: dict[str, list[fx.Node]] = {}
         self.taken: set[str] = set(RESERVED)
-        self.pending_empty: dict[fx.Node, tuple[str, str]] = {}
+        self.pending_empty: dict[fx.Node, tuple[str, str]] = {}  # torch.empty(...) etc.: (shape, dtype) texts
+        self.pending_fill: dict[fx.Node, float] = {}  # torch.full(...): the fill value
         self.last_use = {n: max([self.index[u] for u in n.users] or [self.index[n]]) for n in self.nodes}
         self.done: set[fx.Node] = set()
         self.fn_attrs.new_body()
@@ -990,11 +992,47 @@ def _new_empty(body: Body, node: fx.Node, _name: str) -> None:
                   body.val(dtype) if dtype is not None else f"{body.val(node.args[0])}.dtype")
 
 
+def _full_value(node: fx.Node, value) -> float:
+    if isinstance(value, fx.Node) or not isinstance(value, (int, float)):
+        raise Unsupported("a fill value computed in the graph")
+    return value
+
+
+def _torch_full(body: Body, node: fx.Node) -> None:
+    """``torch.full(size, p)``: the probabilities of a ``torch.bernoulli`` draw (nothing else)."""
+    dtype = node.kwargs.get("dtype")
+    _empty(body, node, _sizes((node.args[0],)), body.val(dtype) if dtype is not None else "jnp.float32")
+    body.pending_fill[node] = _full_value(node, node.args[1] if len(node.args) > 1 else node.kwargs["fill_value"])
+
+
+def _torch_full_like(body: Body, node: fx.Node) -> None:
+    _torch_empty_like(body, node)
+    body.pending_fill[node] = _full_value(node, node.args[1] if len(node.args) > 1 else node.kwargs["fill_value"])
+
+
+def _new_full(body: Body, node: fx.Node, _name: str) -> None:
+    dtype = node.kwargs.get("dtype")
+    _empty(body, node, _sizes((node.args[1],)), body.val(dtype) if dtype is not None else f"{body.val(node.args[0])}.dtype")
+    body.pending_fill[node] = _full_value(node, node.args[2] if len(node.args) > 2 else node.kwargs["fill_value"])
+
+
+def _torch_bernoulli(body: Body, node: fx.Node) -> None:
+    """``torch.bernoulli(torch.full(size, p))``: a draw of ``size`` with probability ``p``."""
+    probs = node.args[0]
+    if probs not in body.pending_fill or len(node.args) > 1 or node.kwargs.get("p") is not None:
+        raise Unsupported("torch.bernoulli of a tensor not made by torch.full/full_like/new_full")
+    return _draw(body, node, probs, body.pending_fill.pop(probs))
+
+
 def _bernoulli_(body: Body, node: fx.Node, _name: str) -> str:
     target = node.args[0]
     p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-    if target not in body.pending_empty or isinstance(p, fx.Node):
+    if target not in body.pending_empty or target in body.pending_fill or isinstance(p, fx.Node):
         raise Unsupported("bernoulli_ on a tensor not made by torch.empty/new_empty/empty_like, or p from the graph")
+    return _draw(body, node, target, p)
+
+
+def _draw(body: Body, node: fx.Node, target: fx.Node, p) -> None:
     shape, dtype = body.pending_empty.pop(target)
     attr = body.fn_attrs.get("bernoulli", LayerCtor("Bernoulli", [], False, True), body.slots)
     name = body.fresh("noise")
@@ -1036,6 +1074,7 @@ FUNCTIONS = {
     torch.clamp: _clamp_function, torch.clip: _clamp_function,
     operator.getitem: _getitem, getattr: _getattr,
     torch.empty: _torch_empty, torch.empty_like: _torch_empty_like,
+    torch.full: _torch_full, torch.full_like: _torch_full_like, torch.bernoulli: _torch_bernoulli,
 }
 
 METHODS = {
@@ -1046,7 +1085,7 @@ METHODS = {
     "transpose": _transpose_method, "contiguous": _alias, "chunk": _chunk, "split": _split,
     "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "size": _size, "dim": _dim,
     "squeeze": _squeeze, "unsqueeze": _squeeze, "expand_as": _expand_as, "clamp": _clamp, "clip": _clamp,
-    "new_empty": _new_empty, "bernoulli": _bernoulli_, "type_as": _type_as,
+    "new_empty": _new_empty, "new_full": _new_full, "bernoulli": _bernoulli_, "type_as": _type_as,
 }
 
 

@@ -82,7 +82,8 @@ _JAX_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
 class ProofError(ConfigError):
-    """The two modules cannot be compared (their tensors do not correspond one to one)."""
+    """The two modules cannot be compared: their tensors do not correspond one to one, or the
+    torch module does not return one batched tensor."""
 
 
 def choose_loss(torch_output: torch.Tensor) -> str:
@@ -119,6 +120,7 @@ class Proof:
             **{dtype: {part: {k: _json_number(v) for k, v in row.items()} for part, row in self.parts[dtype].items()}
                for dtype in DTYPES if dtype in self.parts},
             "tolerances": {dtype: dict(TOLERANCES[dtype]) for dtype in DTYPES},
+            "noise_floor": {"ulps": NOISE_ULPS, "parts": list(FLOORED_PARTS)},
             "settings": dict(self.settings),
             "notes": list(self.notes),
         }

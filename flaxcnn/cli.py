@@ -1,4 +1,4 @@
-"""The ``flaxcnn`` command: train, evaluate, lr-find, export, parity, presets, models."""
+"""The ``flaxcnn`` command: train, sweep, cv, evaluate, lr-find, export, parity, port, tune, presets, models."""
 
 from __future__ import annotations
 
@@ -213,6 +213,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_port(args: argparse.Namespace) -> int:
+    from flaxcnn.extras import require
+
+    require("torch", "flaxcnn port")  # the model to port is a PyTorch module
     from flaxcnn.port.cli import run
 
     return run(args.model, args.input_shape, args.out, kwargs=args.kwargs, state_dict=args.state_dict,

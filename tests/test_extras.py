@@ -29,6 +29,14 @@ def test_parity_without_torch(without_torch, capsys):
     assert "flaxcnn parity needs PyTorch" in _one_error_line(capsys)
 
 
+def test_port_without_torch(without_torch, tmp_path, capsys):
+    model_file = tmp_path / "m.py"
+    model_file.write_text("import torch\n")
+    assert main(["port", f"{model_file}:Net", "--input-shape", "3,8,8", "--out", str(tmp_path / "out")]) == 2
+    assert "flaxcnn port needs PyTorch" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tfds_folder_without_tensorflow_datasets(monkeypatch, tmp_path, capsys):
     (tmp_path / "cifar10").mkdir()  # a tfds data_dir: the auto source picks tfds
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)

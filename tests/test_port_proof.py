@@ -80,6 +80,8 @@ def _assert_within_tolerances(proof: Proof):
             assert row["tol"] == TOLERANCES[dtype][part]
             assert row["ratio"] <= row["tol"], (dtype, part, row)
             assert row["passed"]
+            if row["max_abs_ref"] > 0:  # the metric, literally
+                assert row["max_abs_diff"] / row["max_abs_ref"] <= row["tol"], (dtype, part, row)
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +402,7 @@ def test_a_per_pixel_output_is_proven_with_mse(count_include_pad):
 
 
 def test_the_noise_floor_passes_rounding_noise_and_not_a_wrong_small_tensor():
-    from flaxcnn.port.proof import TensorDiff, over_tolerance
+    from flaxcnn.port.proof import TensorDiff, over_tolerance, part_summary
 
     grads = {
         "conv.weight": TensorDiff(1e-8, 1.0),
@@ -413,3 +415,12 @@ def test_the_noise_floor_passes_rounding_noise_and_not_a_wrong_small_tensor():
              "bn.running_mean": TensorDiff(2e-7, 1e-3)}  # measured on its own: the counter sets no scale
     assert over_tolerance(steps, "float32", "steps") == ["fc.bias", "bn.running_mean"]
     assert over_tolerance({"output": TensorDiff(2e-5, 1.0)}, "float32", "forward") == ["output"]
+    # the report names the worst tensor measured on its own size, the noise under "noise_floor" ...
+    del grads["fc.bias"]
+    row = part_summary(grads, "float32", "grads")
+    assert row["passed"] and row["tensor"] == "conv.weight" and row["ratio"] == 1e-8
+    assert row["noise_floor"]["tensor"] == "conv.bias" and row["noise_floor"]["tensors"] == 1
+    # ... unless a tensor measured against the floor fails: then it is the part's tensor
+    grads["conv.bias"] = TensorDiff(1e-4, 3e-7)
+    row = part_summary(grads, "float32", "grads")
+    assert not row["passed"] and row["tensor"] == "conv.bias"

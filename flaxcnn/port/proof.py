@@ -26,8 +26,10 @@ a BatchNorm follows; its change over the steps) holds rounding noise on both sid
 to its own size is noise over noise. Such a tensor is measured against its layer's noise floor,
 ``scale = max(max|torch|, NOISE_ULPS * eps * max|torch| of its layer's largest tensor / tol)``,
 i.e. it passes when it differs by at most :data:`NOISE_ULPS` rounding errors of its layer's
-scale (the report marks the rows measured so); a tensor 1% wrong is still caught unless it is
-over ~600 times (float64: ~10^11 times) smaller than its layer's largest. Where ``scale`` is 0 the
+scale; a tensor 1% wrong is still caught unless it is over ~600 times (float64: ~10^11 times)
+smaller than its layer's largest. A part's row names its worst tensor among those measured
+against their own size (so ``ratio == max_abs_diff / max_abs_ref`` there), unless one measured
+against the floor fails; the worst of those is under the row's ``"noise_floor"``. Where ``scale`` is 0 the
 difference is checked as an absolute one.
 
 When a part is over tolerance, the first divergent layer is named by
@@ -117,7 +119,7 @@ class Proof:
             "passed": self.passed,
             "first_divergent_layer": self.first_divergent_layer,
             "loss": self.loss,
-            **{dtype: {part: {k: _json_number(v) for k, v in row.items()} for part, row in self.parts[dtype].items()}
+            **{dtype: {part: _json_row(row) for part, row in self.parts[dtype].items()}
                for dtype in DTYPES if dtype in self.parts},
             "tolerances": {dtype: dict(TOLERANCES[dtype]) for dtype in DTYPES},
             "noise_floor": {"ulps": NOISE_ULPS, "parts": list(FLOORED_PARTS)},
@@ -141,8 +143,14 @@ class Proof:
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         if any(r.get("scale", 0.0) > r["max_abs_ref"] for d in self.parts.values() for r in d.values()):
-            lines.append(f"* measured against its layer's noise floor ({NOISE_ULPS} rounding errors of the layer's "
-                         "largest value, over the tolerance), not the tensor's own max|ref|")
+            lines.append("* measured against its layer's noise floor, not its own max|ref|")
+        noise = [f"{part}/{dtype} {r['noise_floor']['tensors']} (worst {r['noise_floor']['tensor']}, "
+                 f"ratio {_num(r['noise_floor']['ratio'])})"
+                 for part in PARTS for dtype in DTYPES
+                 if (r := self.parts.get(dtype, {}).get(part)) is not None and r.get("noise_floor")]
+        if noise:
+            lines.append(f"tensors far below their layer's largest (zero gradients: rounding noise), checked against "
+                         f"{NOISE_ULPS} rounding errors of the layer's largest value: " + "; ".join(noise))
         lines.append(f"loss: {self.loss}; verdict: {'passed' if self.passed else 'failed'}")
         lines.append(f"first divergent layer: {self.first_divergent_layer or 'none'}")
         lines += [f"note: {n}" for n in self.notes]
@@ -151,6 +159,10 @@ class Proof:
 
 def _num(value: float) -> str:
     return f"{value:.2e}" if math.isfinite(value) else str(value)
+
+
+def _json_row(row: dict) -> dict:
+    return {k: _json_row(v) if isinstance(v, dict) else _json_number(v) for k, v in row.items()}
 
 
 def _json_number(value):
@@ -211,17 +223,34 @@ def ratios(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict[str, 
     return out
 
 
+def _worst(measured: Mapping[str, tuple[float, float]], names) -> str:
+    return max(names, key=lambda k: math.inf if math.isnan(measured[k][1]) else measured[k][1])
+
+
 def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict:
-    """The worst tensor of a part (largest ratio; NaN counts as the worst) as the report holds it."""
+    """A part as the report holds it: its worst tensor (largest ratio; NaN counts as the worst)
+    among those measured against their own size, so that ``ratio == max_abs_diff / max_abs_ref``;
+    the tensors measured against their layer's noise floor are checked too (``passed``) and the
+    worst of them is under ``"noise_floor"`` (it is the part's tensor when it fails)."""
     tol = TOLERANCES[dtype][part]
+    row = {"max_abs_diff": 0.0, "max_abs_ref": 0.0, "tensor": None, "ratio": 0.0, "tol": tol, "passed": True,
+           "scale": 0.0, "noise_floor": None}
     if not diffs:
-        return {"max_abs_diff": 0.0, "max_abs_ref": 0.0, "tensor": None, "ratio": 0.0, "tol": tol, "passed": True,
-                "scale": 0.0}
+        return row
     measured = ratios(diffs, dtype, part)
-    name = max(measured, key=lambda k: math.inf if math.isnan(measured[k][1]) else measured[k][1])
+    floored = [k for k, (scale, _) in measured.items() if scale > diffs[k].ref]
+    failing = [k for k in floored if not measured[k][1] <= tol]
+    candidates = [k for k in measured if k not in floored] + failing
+    name = _worst(measured, candidates or list(measured))
     scale, ratio = measured[name]
-    return {"max_abs_diff": diffs[name].diff, "max_abs_ref": diffs[name].ref, "tensor": name, "ratio": ratio,
-            "tol": tol, "passed": bool(ratio <= tol), "scale": scale}
+    row.update(max_abs_diff=diffs[name].diff, max_abs_ref=diffs[name].ref, tensor=name, ratio=ratio,
+               passed=all(r <= tol for _, r in measured.values()), scale=scale)
+    if floored:
+        worst = _worst(measured, floored)
+        row["noise_floor"] = {"tensors": len(floored), "tensor": worst, "max_abs_diff": diffs[worst].diff,
+                              "max_abs_ref": diffs[worst].ref, "scale": measured[worst][0],
+                              "ratio": measured[worst][1]}
+    return row
 
 
 def over_tolerance(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> list[str]:

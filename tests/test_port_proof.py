@@ -133,6 +133,7 @@ def _in_dtype(model: nnx.Module, dtype) -> nnx.Module:
     return model
 
 
+@pytest.mark.filterwarnings("ignore:dropout2d:UserWarning")  # NetDropout's Dropout2d on 2-D, the lab's own
 @pytest.mark.parametrize("name", ["net-dropout", "net-batchnorm"])
 def test_registered_mirrors_pass(name):
     spec = get_model(name)

@@ -569,4 +569,5 @@ def _first_layer_over_tolerance(torch_module: torch.nn.Module,
     return None
 
 
-__all__ = ["DTYPES", "PARTS", "TOLERANCES", "Proof", "ProofError", "choose_loss", "prove", "train_step"]
+__all__ = ["DTYPES", "FLOORED_PARTS", "NOISE_ULPS", "PARTS", "TOLERANCES", "Proof", "ProofError", "TensorDiff",
+           "choose_loss", "first_divergent_layer", "over_tolerance", "part_summary", "prove", "train_step"]

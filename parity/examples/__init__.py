@@ -1,1 +1,1 @@
-"""Worked porting examples: PyTorch networks and their Flax NNX ports (see docs/porting.md)."""
+"""Worked porting examples: PyTorch networks and their Flax NNX ports (see docs/hand-port.md)."""

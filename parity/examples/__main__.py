@@ -1,4 +1,4 @@
-"""``python -m parity.examples``: the worked example of ``docs/porting.md``, end to end.
+"""``python -m parity.examples``: the worked example of ``docs/hand-port.md``, end to end.
 
 Converts the PyTorch VGG-style network (``parity.examples.vgg``) to its Flax port and back
 (strict), runs the parity suite's checks on it, prints the layer report, and trains both side

@@ -1,6 +1,6 @@
 """A small VGG-style network written with ``nn.Sequential``, and its Flax NNX port.
 
-The worked example of ``docs/porting.md``; the tests import this very code. Each stage is
+The worked example of ``docs/hand-port.md``; the tests import this very code. Each stage is
 conv 3x3 (padding 1) -> BatchNorm2d -> ReLU -> max-pool 2; the classifier is flatten ->
 Linear -> ReLU -> Dropout -> Linear. The port mirrors the PyTorch containers one to one, so
 the state_dict keys (``features.0.weight``, ``features.1.running_var``,

@@ -24,8 +24,9 @@ from torch import nn
 from flaxcnn.port.capture import Capture, Instance, indexed, is_custom
 from flaxcnn.port.errors import UnsupportedModelError, UnsupportedNode
 from flaxcnn.port.layers import LAYERS, compact, layer_spec
-from flaxcnn.port.ops import (REQUIRED, RESERVED, SUPPORTED, TOKEN_RE, Body, ChildCtor, ContainerCtor, FnAttrs,
-                              LayerCtor, Slots, layer_ctor, rank_of)
+from flaxcnn.port.body import Body
+from flaxcnn.port.code import REQUIRED, TOKEN_RE, ChildCtor, ContainerCtor, FnAttrs, LayerCtor, Slots, layer_ctor
+from flaxcnn.port.ops import RESERVED, SUPPORTED, rank_of
 
 INDENT = "    "
 MAX_LINE = 110

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from flaxcnn.port.capture import torch_layer_type
+
 #: marks a parameter written positionally (always) rather than as ``name=value`` when non-default
 POSITIONAL = object()
 #: marks a keyword parameter written always (kernel_size reads better stated)
@@ -129,8 +131,6 @@ LAYERS: dict[type, LayerSpec] = {
 
 def layer_spec(module: nn.Module) -> LayerSpec | None:
     """The spec of ``module``'s exact torch type, or of the torch layer whose forward it keeps."""
-    from flaxcnn.port.capture import torch_layer_type
-
     spec = LAYERS.get(type(module))
     if spec is None:
         base = torch_layer_type(module)

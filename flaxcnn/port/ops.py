@@ -139,12 +139,12 @@ def _sizes(args: tuple) -> object:
 
 
 UNARY = {  # torch function / Tensor method name -> NNX expression template
-    "relu": "jax.nn.relu({})", "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})", "silu": "jax.nn.silu({})",
+    "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})", "silu": "jax.nn.silu({})",
     "relu6": "F.relu6({})", "hardswish": "F.hardswish({})", "hardsigmoid": "F.hardsigmoid({})",
     "exp": "jnp.exp({})", "sqrt": "jnp.sqrt({})", "abs": "jnp.abs({})", "neg": "-{}",
 }
 UNARY_FUNCTIONS = {
-    F.relu: "relu", torch.relu: "relu", F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", F.tanh: "tanh",
+    F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", F.tanh: "tanh",
     torch.tanh: "tanh", F.silu: "silu", F.relu6: "relu6", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
     torch.exp: "exp", torch.sqrt: "sqrt", torch.abs: "abs", operator.neg: "neg", torch.neg: "neg",
 }
@@ -216,6 +216,16 @@ def _dropout(nnx_name: str):
         attr = body.fn_attrs.get("dropout", ctor, slots)
         return f"self.{attr}({body.val(a['input'])}, deterministic=False)"
     return handle
+
+
+def _relu(body: Body, node: fx.Node, _name: str | None = None) -> str:
+    """``F.relu(x)`` / ``torch.relu(x)`` / ``x.relu()`` -> ``self.relu(x)``: one ``N.ReLU()`` per class
+    (``relu_fn`` where a torch child is already called ``relu``), so every ReLU of a port is a
+    layer with the verification seam of :class:`flaxcnn.models.nn.ReLU` (its ``tap``)."""
+    children = {n for n, _ in body.inst.module.named_children()}
+    name = "relu" if "relu" not in children else "relu_fn"
+    body.fn_attrs.ctors.setdefault(name, LayerCtor("ReLU", [], False, False))
+    return f"self.{name}({body.val(node.args[0] if node.args else node.kwargs['input'])})"
 
 
 def _pool(nnx_name: str, kind: str, names: list[str], defaults: dict, positional: int = 1):
@@ -602,6 +612,7 @@ def _type_as(body: Body, node: fx.Node, _name: str) -> str:
 
 
 FUNCTIONS = {
+    F.relu: _relu, torch.relu: _relu,
     F.leaky_relu: _activation("leaky_relu", ["input", "negative_slope"], {"negative_slope": 0.01}),
     F.elu: _activation("elu", ["input", "alpha"], {"alpha": 1.0}),
     F.gelu: _activation("gelu", ["input", "approximate"], {"approximate": "none"}),
@@ -634,7 +645,8 @@ FUNCTIONS = {
 
 METHODS = {
     **{n: _method_binary for n in ("add", "sub", "mul", "div", "pow", "true_divide", "divide", "multiply", "subtract")},
-    **{n: _method_unary for n in ("relu", "sigmoid", "tanh", "exp", "sqrt", "abs", "neg")},
+    "relu": _relu,
+    **{n: _method_unary for n in ("sigmoid", "tanh", "exp", "sqrt", "abs", "neg")},
     "softmax": _softmax("softmax"), "log_softmax": _softmax("log_softmax"),
     "view": _view, "reshape": _view, "flatten": _flatten_method, "permute": _permute_method,
     "transpose": _transpose_method, "contiguous": _alias, "chunk": _chunk, "split": _split,

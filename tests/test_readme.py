@@ -24,3 +24,15 @@ def test_a_readme_python_block_runs(index, tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_the_readme_and_docs_cli_name_every_command():
+    import argparse
+
+    from flaxcnn.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    readme, cli_doc = (ROOT / "README.md").read_text(), (ROOT / "docs" / "cli.md").read_text()
+    for name in sub.choices:
+        assert f"flaxcnn {name}" in cli_doc, name
+        assert re.search(rf"flaxcnn [a-z| -]*\b{name}\b", readme), name

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from flaxcnn import convert, port
 from flaxcnn.models.registry import MODELS
@@ -67,6 +68,12 @@ def torch_forward(model: torch.nn.Module, x: np.ndarray, dtype: torch.dtype = to
     clone = copy.deepcopy(model).to(dtype).eval()
     with torch.no_grad():
         return clone(torch.from_numpy(x).to(dtype)).numpy()
+
+
+def eval_forward(model, x: np.ndarray) -> np.ndarray:
+    """``model``'s eval-mode output, jitted (one compile instead of one per operation eagerly)."""
+    model.eval()
+    return np.asarray(nnx.jit(lambda m, batch: m(batch))(model, jnp.asarray(x)))
 
 
 def relative_diff(got, want) -> float:
@@ -184,8 +191,7 @@ def assert_port_folder(p: Ported, loss: str) -> None:
     loaded = port.load(p.out_dir)
     for key, value in convert.to_numpy_state_dict(loaded).items():
         np.testing.assert_array_equal(value, state[key].numpy(), err_msg=f"exported {key}")
-    loaded.eval()
-    assert relative_diff(loaded(jnp.asarray(p.x)), torch_forward(p.model, p.x)) <= FORWARD_TOL
+    assert relative_diff(eval_forward(loaded, p.x), torch_forward(p.model, p.x)) <= FORWARD_TOL
     with jax.enable_x64(True):
         loaded64 = port.load(p.out_dir, dtype=jnp.float64)
         for key, value in convert.to_numpy_state_dict(loaded64).items():
@@ -279,10 +285,7 @@ def test_reference_port_loads_the_mirrors_state_dict(ported, name):
     ported_model = port.build_from_source(p.result.source, p.result.class_name, jnp.float32, mirror_state)
     for key, value in convert.to_numpy_state_dict(ported_model).items():
         np.testing.assert_array_equal(value, mirror_state[key].numpy(), err_msg=key)
-    mirror.eval()
-    ported_model.eval()
-    x = jnp.asarray(p.x)
-    assert relative_diff(ported_model(x), mirror(x)) <= FORWARD_TOL
+    assert relative_diff(eval_forward(ported_model, p.x), eval_forward(mirror, p.x)) <= FORWARD_TOL
 
 
 # --- the zoo, full size (slow) -------------------------------------------------------------------

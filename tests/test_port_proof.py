@@ -1,5 +1,6 @@
 """The port's proof passes on equal modules, in float32 and float64, and fails on planted bugs, naming the layer."""
 
+import copy
 import json
 
 import jax
@@ -14,7 +15,7 @@ from flaxcnn import convert
 from flaxcnn.models import nn as N
 from flaxcnn.models.registry import get_model
 from flaxcnn.port.draws import DrawMismatchError, Draw, UnreplayableDrawError
-from flaxcnn.port.proof import DTYPES, PARTS, TOLERANCES, Proof, choose_loss, prove, train_step
+from flaxcnn.port.proof import DTYPES, PARTS, TOLERANCES, Proof, TensorDiff, choose_loss, prove, train_step
 
 
 # ------------------------------------------------------------------------------- hand-written pairs
@@ -425,3 +426,115 @@ def test_the_noise_floor_passes_rounding_noise_and_not_a_wrong_small_tensor():
     grads["conv.bias"] = TensorDiff(1e-4, 3e-7)
     row = part_summary(grads, "float32", "grads")
     assert not row["passed"] and row["tensor"] == "conv.bias"
+
+
+# ------------------------------------------------------------------------------- rounding rules
+
+ONE_PERCENT = 1e-2
+
+
+def test_buffers_have_the_layer_noise_floor():
+    """A BatchNorm whose batch mean is exactly 0 (a bias-free 1x1 conv of a BatchNorm's output):
+    its running mean is rounding noise on both sides (mobilenet_v2's features.5.1, float32)."""
+    from flaxcnn.port.proof import over_tolerance
+
+    buffers = {"bn.running_mean": TensorDiff(2.03e-8, 3.06e-9), "bn.running_var": TensorDiff(1e-7, 1.0),
+               "bn.num_batches_tracked": TensorDiff(0.0, 1.0, integer=True)}
+    for dtype in DTYPES:
+        noise = {k: TensorDiff(d.diff * float(np.finfo(dtype).eps / np.finfo(np.float32).eps), d.ref, d.integer)
+                 for k, d in buffers.items()}
+        assert over_tolerance(noise, dtype, "buffers") == [], dtype
+    # a running mean of normal size 1% wrong fails (float32: a tenth of its layer's running_var)
+    wrong = {**buffers, "bn.running_mean": TensorDiff(ONE_PERCENT * 0.1, 0.1)}
+    assert over_tolerance(wrong, "float32", "buffers") == ["bn.running_mean"]
+    # float64 holds it far tighter: 1% wrong at 1e-6 of its layer's largest still fails
+    wrong = {**buffers, "bn.running_var": TensorDiff(1e-16, 1.0), "bn.running_mean": TensorDiff(ONE_PERCENT * 1e-6, 1e-6)}
+    assert over_tolerance(wrong, "float64", "buffers") == ["bn.running_mean"]
+
+
+def test_a_steps_change_is_measured_against_the_rounding_of_its_weights():
+    """squeezenet1_1's features.11.expand3x3.weight: a 3-step change of 1.54e-5 differing by one
+    float32 ulp (7.45e-9) of weights in [0.0625, 0.125)."""
+    from flaxcnn.port.proof import WEIGHT_ROUNDING_ULPS, over_tolerance, weight_rounding_floor
+
+    floor = weight_rounding_floor(0.1, 3, "float32")
+    assert over_tolerance({"w": TensorDiff(7.45e-9, 1.54e-5, floor=floor)}, "float32", "steps") == []
+    assert over_tolerance({"w": TensorDiff(7.45e-9, 1.54e-5)}, "float32", "steps") == ["w"]  # without the rule
+    # the bound: a change 1% wrong fails once it is over 100 * WEIGHT_ROUNDING_ULPS * steps ulps of the weights
+    bound = WEIGHT_ROUNDING_ULPS * 3 * float(np.finfo(np.float32).eps) * 0.1 / ONE_PERCENT
+    for change in (2 * bound, 1e-3, 0.05):  # just over the bound, a normal 3-step change, a large one
+        wrong = {"w": TensorDiff(ONE_PERCENT * change, change, floor=floor)}
+        assert over_tolerance(wrong, "float32", "steps") == ["w"], change
+    # float64 resolves far smaller changes: 1% wrong in a change of 1e-10 of the same weights fails
+    wrong = {"w": TensorDiff(ONE_PERCENT * 1e-10, 1e-10, floor=weight_rounding_floor(0.1, 3, "float64"))}
+    assert over_tolerance(wrong, "float64", "steps") == ["w"]
+    # an integer tensor (the BatchNorm counter) takes no floor
+    assert over_tolerance({"n": TensorDiff(1.0, 3.0, integer=True, floor=1e9)}, "float32", "steps") == ["n"]
+
+
+def test_the_noise_floor_grows_with_the_reduction_length():
+    """speechnet's bn0.weight gradient, float64: a sum of 4*99*26 products that cancels to 5.8e-8,
+    its rounding 3.6e-16 (2e-10 of a 128-ulp floor of its layer's 6e-3)."""
+    from flaxcnn.port.proof import NOISE_ULPS, REDUCTION_ULPS, noise_ulps, over_tolerance
+
+    n = 4 * 99 * 26
+    assert noise_ulps(1) == NOISE_ULPS and noise_ulps(n) == REDUCTION_ULPS * np.sqrt(n)
+    grads = {"bn0.weight": TensorDiff(3.61e-16, 5.79e-8), "bn0.bias": TensorDiff(1e-18, 6.0e-3)}
+    assert over_tolerance(grads, "float64", "grads") == ["bn0.weight"]  # the fixed 128 ulps
+    assert over_tolerance(grads, "float64", "grads", {"bn0": n}) == []
+    # a tensor of its layer's size, 1% wrong, fails in both dtypes whatever the length
+    for dtype in DTYPES:
+        for length in (1, n, 10**6):
+            wrong = {**grads, "bn0.weight": TensorDiff(ONE_PERCENT * 1e-3, 1e-3)}
+            assert over_tolerance(wrong, dtype, "grads", {"bn0": length}) == ["bn0.weight"], (dtype, length)
+
+
+def test_relu_decisions_made_by_rounding_are_replayed_into_torch():
+    """PyTorch's steps take the port's decisions where both inputs are within the band of zero,
+    and only there; the count is per step."""
+    from parity.losses import torch_loss  # noqa: F401 - the proof's loss, used through run_torch
+    from flaxcnn.port.proof import relu_replay_counts, run_torch
+
+    torch.manual_seed(0)
+    tmodel = TorchSmall().double()
+    x = torch.from_numpy(_input().astype(np.float64))
+    target = torch.from_numpy(np.arange(6) % 5)
+    plain = run_torch(copy.deepcopy(tmodel), x, target, "cross_entropy", steps=2, lr=0.01, seed=0)
+    assert len(plain.relu_inputs) == 2 and len(plain.relu_inputs[0]) == 2  # two ReLU calls per step
+    first = plain.relu_inputs[0][1]  # conv2's ReLU: its outputs reach the loss through the flatten
+    small = np.unravel_index(np.argmin(np.abs(first)), first.shape)  # the input nearest 0
+    large = np.unravel_index(np.argmax(first), first.shape)
+    band = 2 * abs(float(first[small])) / float(np.max(np.abs(first)))
+    flipped = [[v.copy() for v in step] for step in plain.relu_inputs]
+    flipped[0][1][small] = -first[small]
+    replayed = run_torch(copy.deepcopy(tmodel), x, target, "cross_entropy", steps=2, lr=0.01, seed=0,
+                         flax_relu_inputs=flipped, relu_band=band)
+    assert relu_replay_counts(replayed.relu_replays) == {"grads": 1, "steps": 1}
+    assert any(not np.array_equal(replayed.grads[k], plain.grads[k]) for k in plain.grads)
+    # a decision outside the band is a real difference: never replayed
+    flipped[0][1][small] = first[small]
+    flipped[0][1][large] = -first[large]
+    beyond = run_torch(copy.deepcopy(tmodel), x, target, "cross_entropy", steps=2, lr=0.01, seed=0,
+                       flax_relu_inputs=flipped, relu_band=band)
+    assert relu_replay_counts(beyond.relu_replays) == {"grads": 0, "steps": 0}
+    assert beyond.relu_replays[0].beyond_tolerance == 1
+    assert all(np.array_equal(beyond.grads[k], plain.grads[k]) for k in plain.grads)
+
+
+def test_the_port_records_its_relu_inputs_every_step(small_proof):
+    from flaxcnn.port.proof import run_flax
+
+    tmodel, _, proof = small_proof
+    assert proof.as_json()["relu_replays"] == proof.relu_replays
+    assert set(proof.relu_replays) == set(DTYPES)
+    from flaxcnn.port.proof import run_torch
+
+    _, build = _small_pair()
+    x, target = _input(), np.arange(6) % 5
+    torch_run = run_torch(copy.deepcopy(tmodel), torch.from_numpy(x), torch.from_numpy(target), "cross_entropy",
+                          steps=2, lr=0.01, seed=0)
+    with jax.default_matmul_precision("highest"):
+        run = run_flax(build(jnp.float32), jnp.asarray(x), jnp.asarray(target.astype(np.int32)), "cross_entropy",
+                       torch_run.draws, param_names=[n for n, _ in tmodel.named_parameters()], steps=2, lr=0.01)
+    assert [len(step) for step in run.relu_inputs] == [2, 2]
+    assert run.relu_inputs[0][0].shape == (6, 4, 8, 8)  # NCHW, like PyTorch's

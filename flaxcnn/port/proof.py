@@ -27,7 +27,36 @@ to its own size is noise over noise. Such a tensor is measured against its layer
 ``scale = max(max|torch|, NOISE_ULPS * eps * max|torch| of its layer's largest tensor / tol)``,
 i.e. it passes when it differs by at most :data:`NOISE_ULPS` rounding errors of its layer's
 scale; a tensor 1% wrong is still caught unless it is over ~600 times (float64: ~10^11 times)
-smaller than its layer's largest. A part's row names its worst tensor among those measured
+smaller than its layer's largest. Three more rounding rules, each from a failure a correct port
+showed (and each tested to still fail a tensor of normal size that is 1% wrong):
+
+- ``buffers`` take the same floor: a BatchNorm fed by a bias-free 1x1 conv of another
+  BatchNorm's train-mode output sees a batch mean that is exactly 0 per channel, so its
+  running mean is rounding noise (3e-9 beside a running_var of ~1 in MobileNetV2).
+- A layer's values are sums over n products (a conv's gradient over the batch and every output
+  pixel, a BatchNorm's batch statistics; n measured by forward hooks on PyTorch's first step),
+  and a sum that cancels keeps the rounding of its terms, ~sqrt(n) ulps of them: the floor is
+  ``max(NOISE_ULPS, REDUCTION_ULPS * sqrt(n))`` ulps (speechnet's bn0 gamma gradient, float64: a
+  sum of 4*99*26 products cancelling to 5.8e-8, rounded by 3.6e-16, i.e. 270 ulps of its
+  layer's 6e-3). float32 then holds a small tensor to ~1/100 of its layer's largest for n ~ 10^4;
+  float64 still to ~10^-10.
+- ``steps``: w_k - w_0 is computed from weights that are each rounded to their own ulp at every
+  step, so a change is known to ~``steps * eps * max|w_0|`` only; its scale is at least
+  ``WEIGHT_ROUNDING_ULPS * steps * eps * max|w_0| / tol`` (SqueezeNet's
+  features.11.expand3x3.weight, float32: a 3-step change of 1.5e-5 off by 7.45e-9, one ulp of its
+  weights in [0.0625, 0.125); float64 agrees to 2e-13). A change 1% wrong is caught once it is
+  over ~7e-5 (float32) of its weights' largest magnitude.
+
+ReLU decisions made by rounding: a ReLU input within rounding of 0 can be decided differently
+by two correct forwards, and every gradient upstream then moves by that element's whole
+contribution. As in the parity suite (:mod:`parity.relu_decisions`), both sides' ReLU inputs are
+recorded at every step (the port's through :class:`flaxcnn.models.nn.ReLU`'s ``tap``, inside its
+jitted step); where they differ only within the forward tolerance (relative to the call's largest
+input) of zero, PyTorch's steps are run again, each step taking the port's decisions of that
+step, on the same draws. Gradients, buffers and steps are compared against that run, forwards
+against the first; the count is in ``relu_replays`` (per dtype: ``grads``, ``steps``). A
+decision that differs outside that band is a real difference, never replayed (a note says how
+many). A part's row names its worst tensor among those measured
 against their own size (so ``ratio == max_abs_diff / max_abs_ref`` there), unless one measured
 against the floor fails; the worst of those is under the row's ``"noise_floor"``. Where ``scale`` is 0 the
 difference is checked as an absolute one.
@@ -43,7 +72,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +89,8 @@ from flaxcnn.errors import ConfigError
 from flaxcnn.port.draws import TorchDraws, replaying
 from parity.losses import Loss, flax_loss, torch_loss
 from parity.precision import full_precision
+from parity.relu_decisions import (DecisionReplay, decisions_to_replay, record_flax_relu_inputs,
+                                   record_torch_relu_inputs, replay_torch_relu_decisions)
 
 DTYPES = ("float32", "float64")
 PARTS = ("forward", "train_forward", "grads", "buffers", "steps")
@@ -73,8 +105,18 @@ TOLERANCES: dict[str, dict[str, float]] = {
 #: before BatchNorm, zero but for rounding) is measured against this many rounding errors (eps of
 #: the dtype) of the layer's largest value instead of its own size: both sides hold rounding noise
 NOISE_ULPS = 128
-#: the parts where such tensors occur (a zero gradient and the zero change it makes over the steps)
-FLOORED_PARTS = ("grads", "steps")
+#: the parts where such tensors occur: a zero gradient, the zero change it makes over the steps,
+#: and a BatchNorm's running mean of a batch mean that is exactly zero (a bias-free 1x1 conv of
+#: another BatchNorm's train-mode output: mean 0 per channel, linear per pixel)
+FLOORED_PARTS = ("grads", "buffers", "steps")
+#: a layer's tensors of a part are sums over n products (a conv's gradient over the batch and
+#: every output pixel, a BatchNorm's batch mean): rounding grows like sqrt(n) ulps of the terms
+#: (random-walk rounding), so the floor is max(NOISE_ULPS, REDUCTION_ULPS * sqrt(n)) ulps
+REDUCTION_ULPS = 8
+#: ``steps`` compares w_k - w_0 of two weights each rounded to the weight's own ulp at every step:
+#: the change of a tensor is only known to about ``steps * eps * max|w_0|``, so its scale is at
+#: least this many of those over the tolerance
+WEIGHT_ROUNDING_ULPS = 2
 
 #: a 2-D output whose rows' logsumexp are all within this of 0 holds log-probabilities
 LOG_PROB_ATOL = 1e-4
@@ -112,6 +154,8 @@ class Proof:
     parts: dict  # {dtype: {part: {"max_abs_diff", "max_abs_ref", "tensor", "ratio", "tol", "passed"}}}
     settings: dict = field(default_factory=dict)  # steps, lr, seed
     notes: list[str] = field(default_factory=list)
+    #: {dtype: {"grads": n, "steps": m}}: ReLU decisions made by rounding, taken as the port took them
+    relu_replays: dict = field(default_factory=dict)
 
     def as_json(self) -> dict:
         """What ``DIR/parity.json`` holds (non-finite numbers written as strings)."""
@@ -122,7 +166,9 @@ class Proof:
             **{dtype: {part: _json_row(row) for part, row in self.parts[dtype].items()}
                for dtype in DTYPES if dtype in self.parts},
             "tolerances": {dtype: dict(TOLERANCES[dtype]) for dtype in DTYPES},
-            "noise_floor": {"ulps": NOISE_ULPS, "parts": list(FLOORED_PARTS)},
+            "noise_floor": {"ulps": NOISE_ULPS, "parts": list(FLOORED_PARTS), "reduction_ulps": REDUCTION_ULPS,
+                            "weight_rounding_ulps": WEIGHT_ROUNDING_ULPS},
+            "relu_replays": {dtype: dict(counts) for dtype, counts in self.relu_replays.items()},
             "settings": dict(self.settings),
             "notes": list(self.notes),
         }
@@ -151,6 +197,11 @@ class Proof:
         if noise:
             lines.append(f"tensors far below their layer's largest (zero gradients: rounding noise), checked against "
                          f"{NOISE_ULPS} rounding errors of the layer's largest value: " + "; ".join(noise))
+        replays = [f"{dtype} " + ", ".join(f"{part} {n}" for part, n in counts.items())
+                   for dtype, counts in self.relu_replays.items() if any(counts.values())]
+        if replays:
+            lines.append("ReLU decisions made by rounding, replayed into PyTorch as the port took them: "
+                         + "; ".join(replays))
         lines.append(f"loss: {self.loss}; verdict: {'passed' if self.passed else 'failed'}")
         lines.append(f"first divergent layer: {self.first_divergent_layer or 'none'}")
         lines += [f"note: {n}" for n in self.notes]
@@ -181,6 +232,9 @@ class TensorDiff:
     diff: float
     ref: float
     integer: bool = False
+    #: the smallest scale this tensor is measured against on its own account (``steps``: the
+    #: rounding of the weights its change is computed from); 0 for none
+    floor: float = 0.0
 
 
 def tensor_diff(flax_value, torch_value, *, integer: bool = False) -> TensorDiff:
@@ -196,29 +250,47 @@ def tensor_diff(flax_value, torch_value, *, integer: bool = False) -> TensorDiff
     return TensorDiff(float(np.max(np.abs(f - t))), float(np.max(np.abs(t))), integer)
 
 
-def noise_floors(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict[str, float]:
+def noise_ulps(reduction: int = 1) -> float:
+    """The rounding errors a layer's tensors may differ by: :data:`NOISE_ULPS`, or
+    ``REDUCTION_ULPS * sqrt(n)`` for sums over more products (n: the layer's reduction length)."""
+    return max(float(NOISE_ULPS), REDUCTION_ULPS * math.sqrt(max(reduction, 1)))
+
+
+def noise_floors(diffs: Mapping[str, TensorDiff], dtype: str, part: str,
+                 reductions: Mapping[str, int] | None = None) -> dict[str, float]:
     """Per layer, the smallest scale its tensors of this part are measured against:
-    :data:`NOISE_ULPS` rounding errors of the layer's largest floating-point PyTorch value,
-    over the tolerance (so that a tensor below it passes when it differs by at most that many
-    rounding errors of its layer's scale)."""
+    :func:`noise_ulps` rounding errors (eps of the dtype) of the layer's largest floating-point
+    PyTorch value, over the tolerance (so that a tensor below it passes when it differs by at
+    most that many rounding errors of its layer's scale). ``reductions``: per layer, how many
+    products each of its values sums (absent: 1)."""
     if part not in FLOORED_PARTS:
         return {}
-    factor = min(1.0, NOISE_ULPS * float(np.finfo(dtype).eps) / TOLERANCES[dtype][part])
+    reductions = reductions or {}
+    eps_over_tol = float(np.finfo(dtype).eps) / TOLERANCES[dtype][part]
     floors: dict[str, float] = {}
     for name, d in diffs.items():
         layer = name.rpartition(".")[0]
         if not d.integer and math.isfinite(d.ref):
+            factor = min(1.0, noise_ulps(reductions.get(layer, 1)) * eps_over_tol)
             floors[layer] = max(floors.get(layer, 0.0), d.ref * factor)
     return floors
 
 
-def ratios(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict[str, tuple[float, float]]:
-    """Per tensor, (scale, ratio): scale is max(max|torch|, its layer's noise floor); ratio is
-    max|diff| / scale (max|diff| itself where the scale is 0)."""
-    floors = noise_floors(diffs, dtype, part)
+def weight_rounding_floor(w0_max: float, steps: int, dtype: str) -> float:
+    """The scale floor of a ``steps`` tensor whose weights reach ``w0_max``: w_k - w_0 inherits the
+    rounding of both weights, ~``steps`` ulps of ``w0_max``, so a change is measured against at
+    least :data:`WEIGHT_ROUNDING_ULPS` of those over the tolerance."""
+    return WEIGHT_ROUNDING_ULPS * steps * float(np.finfo(dtype).eps) * w0_max / TOLERANCES[dtype]["steps"]
+
+
+def ratios(diffs: Mapping[str, TensorDiff], dtype: str, part: str,
+           reductions: Mapping[str, int] | None = None) -> dict[str, tuple[float, float]]:
+    """Per tensor, (scale, ratio): scale is max(max|torch|, its layer's noise floor, its own
+    floor); ratio is max|diff| / scale (max|diff| itself where the scale is 0)."""
+    floors = noise_floors(diffs, dtype, part, reductions)
     out = {}
     for name, d in diffs.items():
-        scale = max(d.ref, floors.get(name.rpartition(".")[0], 0.0))
+        scale = max(d.ref, floors.get(name.rpartition(".")[0], 0.0), 0.0 if d.integer else d.floor)
         out[name] = (scale, math.nan if math.isnan(d.diff) else (d.diff / scale if scale > 0 else d.diff))
     return out
 
@@ -227,7 +299,8 @@ def _worst(measured: Mapping[str, tuple[float, float]], names) -> str:
     return max(names, key=lambda k: math.inf if math.isnan(measured[k][1]) else measured[k][1])
 
 
-def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict:
+def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str,
+                 reductions: Mapping[str, int] | None = None) -> dict:
     """A part as the report holds it: its worst tensor (largest ratio; NaN counts as the worst)
     among those measured against their own size, so that ``ratio == max_abs_diff / max_abs_ref``;
     the tensors measured against their layer's noise floor are checked too (``passed``) and the
@@ -237,7 +310,7 @@ def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict
            "scale": 0.0, "noise_floor": None}
     if not diffs:
         return row
-    measured = ratios(diffs, dtype, part)
+    measured = ratios(diffs, dtype, part, reductions)
     floored = [k for k, (scale, _) in measured.items() if scale > diffs[k].ref]
     failing = [k for k in floored if not measured[k][1] <= tol]
     candidates = [k for k in measured if k not in floored] + failing
@@ -253,10 +326,11 @@ def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> dict
     return row
 
 
-def over_tolerance(diffs: Mapping[str, TensorDiff], dtype: str, part: str) -> list[str]:
+def over_tolerance(diffs: Mapping[str, TensorDiff], dtype: str, part: str,
+                   reductions: Mapping[str, int] | None = None) -> list[str]:
     """The tensors of a part whose ratio is over tolerance (or NaN)."""
     tol = TOLERANCES[dtype][part]
-    return [name for name, (_, ratio) in ratios(diffs, dtype, part).items() if not ratio <= tol]
+    return [name for name, (_, ratio) in ratios(diffs, dtype, part, reductions).items() if not ratio <= tol]
 
 
 # ------------------------------------------------------------------------------- the two sides
@@ -274,6 +348,10 @@ class SideRun:
     draws: list[list] = field(default_factory=list)  # per step, then the eval pass, the draws (torch side)
     notes: list[str] = field(default_factory=list)
     integers: frozenset[str] = frozenset()  # the integer tensors (BatchNorm's num_batches_tracked)
+    w0_max: dict[str, float] = field(default_factory=dict)  # max|w_0| per tensor (torch side)
+    reductions: dict[str, int] = field(default_factory=dict)  # per layer, products per value (torch side)
+    relu_inputs: list[list[np.ndarray]] = field(default_factory=list)  # per step, every ReLU input (NCHW)
+    relu_replays: list[DecisionReplay] = field(default_factory=list)  # per step, when replayed (torch side)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -285,9 +363,38 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().copy()
 
 
+@contextmanager
+def counting_reductions(model: torch.nn.Module, reductions: dict[str, int]) -> Iterator[None]:
+    """For the block, per module holding tensors of its own: how many products each of its values
+    sums in the backward pass and its batch statistics, ``output elements / tensor's first dim``
+    summed over calls (a conv: N * H_out * W_out; a BatchNorm: N * H * W; a Linear: N)."""
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+               if t.is_floating_point() and t.dim() > 0]
+        if own:
+            def hook(_module, _args, out, name=name, channels=max(int(own[0].shape[0]), 1)):
+                if isinstance(out, torch.Tensor):
+                    counts[name] = counts.get(name, 0) + out.numel() // channels
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        reductions.update(counts)
+
+
 def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss: Loss, *, steps: int,
-              lr: float, seed: int) -> SideRun:
-    """PyTorch's side on ``model`` (modified: pass a copy): eval forward, then ``steps`` SGD steps."""
+              lr: float, seed: int, flax_relu_inputs: list[list[np.ndarray]] | None = None,
+              relu_band: float = 0.0) -> SideRun:
+    """PyTorch's side on ``model`` (modified: pass a copy): eval forward, then ``steps`` SGD steps.
+
+    ``flax_relu_inputs`` (the port's ReLU inputs, per step): each step first runs a copy of the
+    model on the step's draws, and where its ReLU decisions differ from the port's within
+    ``relu_band`` (relative to each call's largest input) of zero, the step takes the port's
+    decisions there (:mod:`parity.relu_decisions`)."""
     model.eval()
     with torch.no_grad(), TorchDraws(torch.Generator().manual_seed(step_seed(seed, steps))) as mode:
         forward = _numpy(model(x))
@@ -297,10 +404,24 @@ def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, los
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     w0 = {k: _numpy(v) for k, v in model.state_dict().items()}
     draws, train_forward, grads, buffers = [], None, {}, {}
+    reductions: dict[str, int] = {}
+    relu_inputs: list[list[np.ndarray]] = []
+    replays: list[DecisionReplay] = []
     for k in range(steps):
-        with TorchDraws(torch.Generator().manual_seed(step_seed(seed, k))) as mode:
+        relus = record_torch_relu_inputs()
+        if flax_relu_inputs is not None:
+            with TorchDraws(torch.Generator().manual_seed(step_seed(seed, k))), \
+                    record_torch_relu_inputs() as probe_inputs:
+                copy.deepcopy(model)(x)  # a copy: its BatchNorm statistics are not the step's
+            decision = decisions_to_replay(probe_inputs, flax_relu_inputs[k], atol=0.0, rtol=relu_band)
+            replays.append(decision)
+            if decision.tolerated:
+                relus = replay_torch_relu_decisions(decision)
+        counting = counting_reductions(model, reductions) if k == 0 else nullcontext()
+        with counting, TorchDraws(torch.Generator().manual_seed(step_seed(seed, k))) as mode, relus as inputs:
             out = model(x)
         draws.append(mode.draws)
+        relu_inputs.append(inputs or [])
         opt.zero_grad(set_to_none=True)
         torch_loss(loss, out, target).backward()
         if k == 0:
@@ -313,7 +434,9 @@ def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, los
             buffers = {n: _numpy(v) for n, v in model.state_dict().items() if n not in param_names}
     deltas = {n: _numpy(v).astype(np.float64) - w0[n].astype(np.float64) for n, v in model.state_dict().items()}
     integers = frozenset(k for k, v in w0.items() if not np.issubdtype(v.dtype, np.floating))
-    return SideRun(forward, train_forward, grads, buffers, deltas, draws + [eval_draws], integers=integers)
+    w0_max = {k: float(np.max(np.abs(v))) if v.size else 0.0 for k, v in w0.items() if k not in integers}
+    return SideRun(forward, train_forward, grads, buffers, deltas, draws + [eval_draws], integers=integers,
+                   w0_max=w0_max, reductions=reductions, relu_inputs=relu_inputs, relu_replays=replays)
 
 
 def train_step(graphdef: nnx.GraphDef, loss: Loss, lr: float, *,
@@ -364,13 +487,18 @@ def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, dra
 
     forward = np.asarray(jax.jit(evaluate)(state, [jnp.asarray(d.nnx_layout()) for d in draws[steps]], x))
     model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    relu_inputs: list[list[np.ndarray]] = []
+    with record_flax_relu_inputs(model) as recorded:  # the taps are in the graphdef the step is jitted on
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     step = train_step(graphdef, loss, lr, on_trace=lambda used, given: replays.append(("train", used, given)))
     w0 = _torch_keyed(graphdef, params, rest)
     train_forward, grads, buffers = None, {}, {}
     for k in range(steps):
         masks = [jnp.asarray(d.nnx_layout()) for d in draws[k]]
         params, rest, out, g = step(params, rest, masks, x, target)
+        jax.effects_barrier()
+        relu_inputs.append(list(recorded))
+        recorded.clear()
         if k == 0:
             train_forward = np.asarray(out)
             grads = {n: v for n, v in _torch_keyed(graphdef, g, rest).items() if n in param_names}
@@ -382,7 +510,7 @@ def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, dra
     notes += [f"{mode} mode: PyTorch drew {given} random mask(s) per pass, the port replayed {used} (a random "
              "layer other than flaxcnn's Dropout/Dropout2d/Bernoulli draws its own)"
              for mode, used, given in dict.fromkeys(replays) if used != given]
-    return SideRun(forward, train_forward, grads, buffers, deltas, notes=notes)
+    return SideRun(forward, train_forward, grads, buffers, deltas, notes=notes, relu_inputs=relu_inputs)
 
 
 # ------------------------------------------------------------------------------- the proof
@@ -404,25 +532,63 @@ def _check_keys(what: str, flax_keys, torch_keys) -> None:
                          + ("; " if missing and extra else "") + (f"unexpected {', '.join(extra)}" if extra else ""))
 
 
-def compare_runs(flax_run: SideRun, torch_run: SideRun) -> dict[str, dict[str, TensorDiff]]:
-    """Per part, per tensor, the differences."""
+def compare_runs(flax_run: SideRun, torch_run: SideRun, *, dtype: str = "float32", steps: int = 1,
+                 replayed: SideRun | None = None) -> dict[str, dict[str, TensorDiff]]:
+    """Per part, per tensor, the differences; ``steps`` tensors carry their weight-rounding floor
+    (:func:`weight_rounding_floor`). ``replayed``: PyTorch's run with the port's ReLU decisions
+    made by rounding, which the gradients, buffers and steps are compared against (the forwards
+    against ``torch_run``, as they were computed)."""
+    forwards, torch_run = torch_run, replayed or torch_run
     for what, f, t in (("parameters", flax_run.grads, torch_run.grads),
                        ("buffers", flax_run.buffers, torch_run.buffers),
                        ("tensors", flax_run.deltas, torch_run.deltas)):
         _check_keys(what, f, t)
     return {
-        "forward": {"output": tensor_diff(flax_run.forward, torch_run.forward)},
-        "train_forward": {"output": tensor_diff(flax_run.train_forward, torch_run.train_forward)},
+        "forward": {"output": tensor_diff(flax_run.forward, forwards.forward)},
+        "train_forward": {"output": tensor_diff(flax_run.train_forward, forwards.train_forward)},
         "grads": {k: tensor_diff(flax_run.grads[k], v) for k, v in torch_run.grads.items()},
         "buffers": {k: tensor_diff(flax_run.buffers[k], v) for k, v in torch_run.buffers.items()},
-        "steps": {k: tensor_diff(flax_run.deltas[k], v, integer=k in torch_run.integers)
+        "steps": {k: _with_floor(tensor_diff(flax_run.deltas[k], v, integer=k in torch_run.integers),
+                                 weight_rounding_floor(torch_run.w0_max.get(k, 0.0), steps, dtype))
                   for k, v in torch_run.deltas.items()},
     }
 
 
+def _with_floor(d: TensorDiff, floor: float) -> TensorDiff:
+    return TensorDiff(d.diff, d.ref, d.integer, 0.0 if d.integer else floor)
+
+
+def relu_replay_counts(replays: list[DecisionReplay]) -> dict[str, int]:
+    """ReLU decisions taken as the port took them: in the gradients' pass (step 0) and over the steps."""
+    return {"grads": replays[0].tolerated if replays else 0, "steps": sum(r.tolerated for r in replays)}
+
+
+def _relu_notes(decisions: list[DecisionReplay]) -> list[str]:
+    notes = [f"ReLU decisions not paired, none replayed: {d.unpaired}" for d in decisions if d.unpaired][:1]
+    beyond = [d for d in decisions if d.beyond_tolerance]
+    if beyond:
+        notes.append(f"{sum(d.beyond_tolerance for d in beyond)} ReLU decision(s) differ outside the forward "
+                     f"tolerance of zero (largest |input| {max(d.largest_beyond for d in beyond):.2e}): not replayed")
+    return notes
+
+
+@dataclass
+class DtypeRun:
+    """One dtype's comparison: the differences, PyTorch's draws, notes, the layers' reduction
+    lengths and the ReLU decisions replayed."""
+
+    diffs: dict[str, dict[str, TensorDiff]]
+    draws: list[list]
+    notes: list[str]
+    reductions: dict[str, int]
+    relu_replays: dict[str, int]
+
+
 def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module], x: np.ndarray,
-                 dtype: str, loss: Loss, target: np.ndarray, *, steps: int, lr: float, seed: int
-                 ) -> tuple[dict[str, dict[str, TensorDiff]], list[list], list[str]]:
+                 dtype: str, loss: Loss, target: np.ndarray, *, steps: int, lr: float, seed: int) -> DtypeRun:
+    """Both sides in ``dtype``; where a ReLU is decided differently by rounding (both inputs within the
+    forward tolerance, relative to the call's largest input, of zero) in any step, PyTorch's steps
+    are run again taking the port's decisions of each step (:func:`run_torch`)."""
     tmodel = copy.deepcopy(torch_module).to(_TORCH_DTYPES[dtype])
     x_t = torch.from_numpy(x.astype(dtype))
     target_t = torch.from_numpy(target.astype(dtype) if loss == "mse" else target.astype(np.int64))
@@ -432,7 +598,17 @@ def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.
     target_f = jnp.asarray(target.astype(dtype) if loss == "mse" else target.astype(np.int32))
     flax_run = run_flax(fmodel, jnp.asarray(x.astype(dtype)), target_f, loss, torch_run.draws,
                         param_names=param_names, steps=steps, lr=lr)
-    return compare_runs(flax_run, torch_run), torch_run.draws, flax_run.notes
+    band = TOLERANCES[dtype]["forward"]
+    decisions = [decisions_to_replay(t, f, atol=0.0, rtol=band)
+                 for t, f in zip(torch_run.relu_inputs, flax_run.relu_inputs)]
+    replayed, counts = None, relu_replay_counts([])
+    if any(d.tolerated for d in decisions):
+        replayed = run_torch(copy.deepcopy(torch_module).to(_TORCH_DTYPES[dtype]), x_t, target_t, loss, steps=steps,
+                             lr=lr, seed=seed, flax_relu_inputs=flax_run.relu_inputs, relu_band=band)
+        counts = relu_replay_counts(replayed.relu_replays)
+        decisions = replayed.relu_replays
+    diffs = compare_runs(flax_run, torch_run, dtype=dtype, steps=steps, replayed=replayed)
+    return DtypeRun(diffs, torch_run.draws, flax_run.notes + _relu_notes(decisions), torch_run.reductions, counts)
 
 
 def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module],
@@ -457,24 +633,26 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
     loss: Loss = choose_loss(out)  # type: ignore[assignment]
     target = _targets(loss, tuple(out.shape), seed)
 
-    diffs: dict[str, dict[str, dict[str, TensorDiff]]] = {}
-    draws: dict[str, list[list]] = {}
+    runs: dict[str, DtypeRun] = {}
     notes: list[str] = []
     with full_precision():
         for dtype in DTYPES:
             with jax.enable_x64(dtype == "float64"):
-                diffs[dtype], draws[dtype], dtype_notes = _prove_dtype(
-                    torch_module, build_flax, x, dtype, loss, target, steps=steps, lr=lr, seed=seed)
-            notes += [f"{dtype}: {n}" for n in dtype_notes]
-    parts = {dtype: {part: part_summary(diffs[dtype][part], dtype, part) for part in PARTS}
+                runs[dtype] = _prove_dtype(torch_module, build_flax, x, dtype, loss, target, steps=steps, lr=lr,
+                                           seed=seed)
+            notes += [f"{dtype}: {n}" for n in runs[dtype].notes]
+    diffs = {dtype: run.diffs for dtype, run in runs.items()}
+    reductions = {dtype: run.reductions for dtype, run in runs.items()}
+    parts = {dtype: {part: part_summary(diffs[dtype][part], dtype, part, reductions[dtype]) for part in PARTS}
              for dtype in DTYPES}
     passed = all(row["passed"] for dtype in DTYPES for row in parts[dtype].values())
     first = None
     if not passed:
-        first, layer_notes = first_divergent_layer(torch_module, build_flax, x, target, loss, diffs, draws["float32"],
-                                             seed=seed)
+        first, layer_notes = first_divergent_layer(torch_module, build_flax, x, target, loss, diffs,
+                                                   runs["float32"].draws, seed=seed, reductions=reductions)
         notes += layer_notes
-    return Proof(passed, first, loss, parts, {"steps": steps, "lr": lr, "seed": seed}, notes)
+    return Proof(passed, first, loss, parts, {"steps": steps, "lr": lr, "seed": seed}, notes,
+                 {dtype: run.relu_replays for dtype, run in runs.items()})
 
 
 # ------------------------------------------------------------------------------- the divergent layer
@@ -527,10 +705,14 @@ def _layer_report(torch_module: torch.nn.Module, fmodel: nnx.Module, x: np.ndarr
 
 def first_divergent_layer(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module], x: np.ndarray,
                           target: np.ndarray, loss: str, diffs: Mapping[str, Mapping[str, Mapping[str, TensorDiff]]],
-                          draws: list[list], *, seed: int) -> tuple[str | None, list[str]]:
-    """The layer a failed proof points at (PyTorch's module name), and notes on how it was found."""
+                          draws: list[list], *, seed: int, reductions: Mapping[str, Mapping[str, int]] | None = None
+                          ) -> tuple[str | None, list[str]]:
+    """The layer a failed proof points at (PyTorch's module name), and notes on how it was found.
+    ``reductions``: per dtype, the layers' reduction lengths (:func:`noise_floors`)."""
     notes = []
-    float32_passed = all(not over_tolerance(diffs["float32"][part], "float32", part) for part in PARTS)
+    reductions = reductions or {}
+    float32_passed = all(not over_tolerance(diffs["float32"][part], "float32", part, reductions.get("float32"))
+                         for part in PARTS)
     if float32_passed:
         notes.append("float32 passes: the layer is found from the float64 tensors (the layer report runs float32)")
     elif all(d.source.startswith("F.") for step in draws for d in step):
@@ -550,7 +732,7 @@ def first_divergent_layer(torch_module: torch.nn.Module, build_flax: Callable[[A
     else:
         notes.append("layer found from the tensors (the layer report replays dropout modules' masks, not "
                      "torch.bernoulli draws)")
-    layer = _first_layer_over_tolerance(torch_module, diffs)
+    layer = _first_layer_over_tolerance(torch_module, diffs, reductions)
     if layer is None:
         notes.append("no layer's parameter gradients or buffers are over tolerance: the code after the last "
                      "layer, or an eval-mode-only difference, holds the divergence")
@@ -558,16 +740,18 @@ def first_divergent_layer(torch_module: torch.nn.Module, build_flax: Callable[[A
 
 
 def _first_layer_over_tolerance(torch_module: torch.nn.Module,
-                                diffs: Mapping[str, Mapping[str, Mapping[str, TensorDiff]]]) -> str | None:
+                                diffs: Mapping[str, Mapping[str, Mapping[str, TensorDiff]]],
+                                reductions: Mapping[str, Mapping[str, int]]) -> str | None:
     """The first module, in ``named_modules`` order, with a parameter gradient or buffer over tolerance."""
     for dtype in DTYPES:
         over = {k.rpartition(".")[0] for part in ("grads", "buffers", "steps")
-                for k in over_tolerance(diffs[dtype][part], dtype, part)}
+                for k in over_tolerance(diffs[dtype][part], dtype, part, reductions.get(dtype))}
         for name, _ in torch_module.named_modules():
             if name in over:
                 return name
     return None
 
 
-__all__ = ["DTYPES", "FLOORED_PARTS", "NOISE_ULPS", "PARTS", "TOLERANCES", "Proof", "ProofError", "TensorDiff",
+__all__ = ["DTYPES", "FLOORED_PARTS", "NOISE_ULPS", "PARTS", "REDUCTION_ULPS", "WEIGHT_ROUNDING_ULPS",
+           "noise_floors", "noise_ulps", "ratios", "relu_replay_counts", "weight_rounding_floor", "TOLERANCES", "Proof", "ProofError", "TensorDiff",
            "choose_loss", "first_divergent_layer", "over_tolerance", "part_summary", "prove", "train_step"]

@@ -538,3 +538,17 @@ def test_the_port_records_its_relu_inputs_every_step(small_proof):
                        torch_run.draws, param_names=[n for n, _ in tmodel.named_parameters()], steps=2, lr=0.01)
     assert [len(step) for step in run.relu_inputs] == [2, 2]
     assert run.relu_inputs[0][0].shape == (6, 4, 8, 8)  # NCHW, like PyTorch's
+
+
+def test_max_pool_near_ties_are_found():
+    from flaxcnn.port.near_ties import count_max_pool_near_ties, near_ties
+
+    x = torch.tensor([[[[1.0, 1.0 + 1e-7, 0.0], [0.0, 0.0, 3.0], [5.0, -1.0, 2.0]]]])
+    assert near_ties(x, 2, 1, rtol=1e-5) == (4, 1)  # the first window: 1 and 1 + 1e-7
+    assert near_ties(x, 2, 2, ceil_mode=True, rtol=1e-5) == (4, 1)  # the border windows hold one value each
+    assert near_ties(x, 3, 1, padding=1, rtol=1e-5) == (9, 1)
+    pool = tnn.MaxPool2d(2, stride=1)
+    with count_max_pool_near_ties(rtol=1e-5) as found:
+        pool(x)
+        torch.nn.functional.max_pool2d(x, kernel_size=3, stride=1)
+    assert [(p.call, p.windows, p.ties) for p in found] == [(0, 4, 1), (1, 1, 0)]

@@ -87,6 +87,7 @@ from flax import nnx
 from flaxcnn import convert
 from flaxcnn.errors import ConfigError
 from flaxcnn.port.draws import TorchDraws, replaying
+from flaxcnn.port.near_ties import count_max_pool_near_ties
 from parity.losses import Loss, flax_loss, torch_loss
 from parity.precision import full_precision
 from parity.relu_decisions import (DecisionReplay, decisions_to_replay, record_flax_relu_inputs,
@@ -650,9 +651,25 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
     if not passed:
         first, layer_notes = first_divergent_layer(torch_module, build_flax, x, target, loss, diffs,
                                                    runs["float32"].draws, seed=seed, reductions=reductions)
-        notes += layer_notes
+        notes += layer_notes + max_pool_near_tie_notes(torch_module, x, seed=seed)
     return Proof(passed, first, loss, parts, {"steps": steps, "lr": lr, "seed": seed}, notes,
                  {dtype: run.relu_replays for dtype, run in runs.items()})
+
+
+def max_pool_near_tie_notes(torch_module: torch.nn.Module, x: np.ndarray, *, seed: int) -> list[str]:
+    """Where PyTorch's float32 train pass (step 0's draws) has max-pool windows whose two largest
+    values are within the forward tolerance (of the pool input's largest): a correct port may route
+    their gradient to the other one, and the proof does not replay pool choices (a note)."""
+    model = copy.deepcopy(torch_module).float().train()
+    with torch.no_grad(), TorchDraws(torch.Generator().manual_seed(step_seed(seed, 0))), \
+            count_max_pool_near_ties(rtol=TOLERANCES["float32"]["forward"]) as pools:
+        model(torch.from_numpy(x.astype(np.float32)))
+    tied = [p for p in pools if p.ties]
+    if not tied:
+        return []
+    where = ", ".join(f"call {p.call + 1}: {p.ties} of {p.windows}" for p in tied)
+    return [f"float32: max-pool windows whose two largest values are within rounding (not replayed; the port may "
+            f"pass their gradient to the other one): {where}"]
 
 
 # ------------------------------------------------------------------------------- the divergent layer
@@ -753,5 +770,5 @@ def _first_layer_over_tolerance(torch_module: torch.nn.Module,
 
 
 __all__ = ["DTYPES", "FLOORED_PARTS", "NOISE_ULPS", "PARTS", "REDUCTION_ULPS", "WEIGHT_ROUNDING_ULPS",
-           "noise_floors", "noise_ulps", "ratios", "relu_replay_counts", "weight_rounding_floor", "TOLERANCES", "Proof", "ProofError", "TensorDiff",
+           "max_pool_near_tie_notes", "noise_floors", "noise_ulps", "ratios", "relu_replay_counts", "weight_rounding_floor", "TOLERANCES", "Proof", "ProofError", "TensorDiff",
            "choose_loss", "first_divergent_layer", "over_tolerance", "part_summary", "prove", "train_step"]

@@ -133,3 +133,22 @@ def test_a_parameter_outside_a_layer_is_unsupported():
 def test_example_input_must_be_an_nchw_batch():
     with pytest.raises(ConfigError, match=r"\(N, C, H, W\)"):
         port(Net(), np.zeros((3, 5, 5), np.float32), prove=False)
+
+
+class WithUnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.aux = Block()  # built (its weights are in the state dict) but never called
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_custom_module_never_called_keeps_its_weights_and_refuses_calls():
+    from tests.port_check import assert_ports
+
+    result = assert_ports(WithUnusedHead().eval(), example((2, 3, 4, 4)))
+    assert "never called by the traced forward" in result.source
+    with pytest.raises(NotImplementedError):
+        result.module.aux(np.zeros((1, 4, 4, 3), np.float32))

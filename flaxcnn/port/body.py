@@ -155,6 +155,12 @@ class Body:
                 self.unsupported.append(UnsupportedNode(self.inst.path, f"{self.describe(node)}: {why}"
                                                         if str(why) else self.describe(node), node_source(node)))
                 self.var.setdefault(node, "<unsupported>")
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
+                # arguments of a form no rule expects (a supported op called in an unusual way)
+                self.unsupported.append(UnsupportedNode(
+                    self.inst.path, f"{self.describe(node)}: arguments of a form the port does not translate "
+                    f"({type(error).__name__}: {error})", node_source(node)))
+                self.var.setdefault(node, "<unsupported>")
         return self.lines
 
     def describe(self, node: fx.Node) -> str:

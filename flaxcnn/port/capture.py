@@ -99,6 +99,7 @@ class Instance:
     path: str  # dotted torch path from the top module ("" for the top)
     module: nn.Module
     graphs: dict[str, fx.Graph] = field(default_factory=dict)  # "train"/"eval" -> graph with shapes
+    called: bool = True  # False: the forward never calls it (no shapes; its NNX __call__ refuses)
 
     @property
     def class_name(self) -> str:
@@ -183,7 +184,8 @@ def capture(model: nn.Module, example: np.ndarray | torch.Tensor) -> Capture:
                 output = out
             for path, inst in instances.items():
                 graph = trace(inst.module, path)
-                if path in inputs:
+                inst.called = path in inputs
+                if inst.called:
                     args, kwargs = inputs[path]
                     ShapeProp(fx.GraphModule(inst.module, graph)).propagate(*_positional(graph, args, kwargs))
                 inst.graphs[mode] = graph

@@ -181,6 +181,11 @@ class Generator:
                 inst.path, f"tensor {inst.child_path(name)} held by custom class {inst.class_name} "
                 "(only the listed layers' weights can be ported)", ""))
         init = [(n, self.ctor(inst, m, n, slots)) for n, m in inst.module.named_children()]
+        if not inst.called:  # its layers are built (the state dict has them); no graph to translate
+            params = [n.target for n in inst.graphs["eval"].nodes if n.op == "placeholder"]
+            return InstanceCode(inst, slots, init, [str(p).lstrip("*") for p in params],
+                                [f"raise NotImplementedError('{inst.class_name} at {inst.path} is never called by "
+                                 "the traced forward, so the port has no code for it')"], False, False, False)
         bodies = {}
         for mode in ("train", "eval"):
             found: list[UnsupportedNode] = []

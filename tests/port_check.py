@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 from flaxcnn import convert
 from flaxcnn.port import PortResult, build_from_source, port
@@ -17,6 +18,11 @@ F32_TOL, F64_TOL = 1e-5, 1e-10
 
 def example(shape=(2, 3, 8, 8), seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+def _forward(model, x):
+    """The model's forward, jitted: one compile instead of one per operation."""
+    return nnx.jit(lambda m, v: m(v))(model, x)
 
 
 def _flat(out):
@@ -33,7 +39,7 @@ def assert_ports(model: torch.nn.Module, x: np.ndarray, *, float64: bool = True)
         ref = _flat(reference(torch.from_numpy(x)))
     flax = result.module
     flax.eval()
-    out = _flat(flax(jnp.asarray(x)))
+    out = _flat(_forward(flax, jnp.asarray(x)))
     assert len(out) == len(ref)
     for o, r in zip(out, ref):
         assert o.shape == tuple(r.shape), (o.shape, r.shape)
@@ -49,7 +55,7 @@ def assert_ports(model: torch.nn.Module, x: np.ndarray, *, float64: bool = True)
         with jax.enable_x64(True):
             flax64 = build_from_source(result.source, result.class_name, jnp.float64, state)
             flax64.eval()
-            out64 = _flat(flax64(jnp.asarray(x, jnp.float64)))
+            out64 = _flat(_forward(flax64, jnp.asarray(x, jnp.float64)))
             with torch.no_grad():
                 ref64 = _flat(copy.deepcopy(model).double().eval()(torch.from_numpy(x).double()))
             for o, r in zip(out64, ref64):

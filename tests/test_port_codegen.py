@@ -177,7 +177,7 @@ class Functional(nn.Module):
         y = F.max_pool2d(x, 2, ceil_mode=True)
         y = F.interpolate(y, scale_factor=2, mode="nearest")[:, :, :x.shape[2], : x.size(3)]
         z = torch.tanh(x) + F.silu(y) * torch.sigmoid(x) - F.leaky_relu(x, 0.1) / 2
-        z = F.avg_pool2d(z, 2) + F.adaptive_max_pool2d(z, (3, 3))
+        z = F.avg_pool2d(z, 2) + F.adaptive_max_pool2d(z, (3, 3)) + F.avg_pool2d(z, z.size()[2:])
         z = torch.softmax(z, dim=1)[:, 1:5] + z[:, 2:, 1:2, :].sum(dim=2, keepdim=True)
         return z.transpose(2, 3).flatten(2), F.log_softmax(z.mean((2, 3)), dim=1)
 

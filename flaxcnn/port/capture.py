@@ -134,6 +134,19 @@ def trace(module: nn.Module, name: str) -> fx.Graph:
             "models whose forward torch.fx can trace symbolically") from None
 
 
+class ShapeValueProp(ShapeProp):
+    """fx's ShapeProp, also keeping the Python ints and sizes the graph computes (``x.size()[2:]``)
+    in ``node.meta["value"]``: the shapes of a port are static, so an option computed from them
+    (a pooling window of the whole map) is a constant of the port."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, (int, torch.Size)) or (
+                isinstance(result, (tuple, list)) and all(isinstance(v, int) for v in result)):
+            n.meta["value"] = tuple(result) if isinstance(result, (torch.Size, list)) else result
+        return result
+
+
 def _record_inputs(model: nn.Module, customs: dict[str, nn.Module], example: torch.Tensor
                    ) -> tuple[dict[str, tuple[tuple, dict]], object]:
     """(args, kwargs) of each custom instance's first call, and the model's output, in one forward."""
@@ -151,7 +164,7 @@ def _record_inputs(model: nn.Module, customs: dict[str, nn.Module], example: tor
     return seen, output
 
 
-def _positional(graph: fx.Graph, args: tuple, kwargs: dict) -> list:
+def _positional(graph: fx.Graph, args: tuple, kwargs: dict, name: str) -> list:
     """The call's arguments in the graph's placeholder order (defaults filled in)."""
     values = list(args)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -161,7 +174,7 @@ def _positional(graph: fx.Graph, args: tuple, kwargs: dict) -> list:
         elif node.args:
             values.append(node.args[0])
         else:
-            raise UnsupportedModelError("model", [UnsupportedNode("", f"argument {node.target!r} not given", "")],
+            raise UnsupportedModelError(name, [UnsupportedNode("", f"argument {node.target!r} not given", "")],
                                         "forwards whose arguments are all given")
     return values
 
@@ -187,7 +200,8 @@ def capture(model: nn.Module, example: np.ndarray | torch.Tensor) -> Capture:
                 inst.called = path in inputs
                 if inst.called:
                     args, kwargs = inputs[path]
-                    ShapeProp(fx.GraphModule(inst.module, graph)).propagate(*_positional(graph, args, kwargs))
+                    ShapeValueProp(fx.GraphModule(inst.module, graph)).propagate(
+                        *_positional(graph, args, kwargs, inst.class_name))
                 inst.graphs[mode] = graph
     root.eval()
     return Capture(root, instances, tuple(int(d) for d in x.shape[1:]), output)

@@ -236,7 +236,9 @@ def _pool(nnx_name: str, kind: str, names: list[str], defaults: dict, positional
         for k, n in enumerate(names):
             value = a[n]
             if isinstance(value, fx.Node):
-                raise Unsupported(f"{n} computed in the graph")
+                if "value" not in value.meta or n in ("return_indices", "ceil_mode"):
+                    raise Unsupported(f"{n} computed in the graph")
+                value = value.meta["value"]  # a size of the (static) traced shapes, e.g. x.size()[2:]
             value = compact(value)
             args.append((None if k < positional else n, len(slots.items)))
             slots.token(value, f"{node.name}_{n}", REQUIRED if k < positional else defaults[n])

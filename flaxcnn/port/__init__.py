@@ -184,7 +184,8 @@ def write(out_dir: str | os.PathLike, source: str, state: Mapping[str, np.ndarra
 def top_class_name(source: str) -> str:
     """The class of a generated model.py that declares ``input_chw`` (the top class)."""
     found = None
-    for match in re.finditer(r"^class (\w+)\(nnx\.(?:Module|Sequential)\):\n(?:(?:    .*)?\n)*?    input_chw = ", source, re.M):
+    top = r"^class (\w+)\(nnx\.(?:Module|Sequential)\):\n(?:(?:    .*)?\n)*?    input_chw = "
+    for match in re.finditer(top, source, re.M):
         found = match.group(1)
     if found is None:
         raise ConfigError("model.py has no nnx.Module class declaring input_chw (the ported model's top class)")

@@ -167,7 +167,8 @@ class Body:
         if node.op == "call_module":
             module = self.inst.module.get_submodule(node.target)
             t = type(module)
-            name = f"torch.nn.{t.__name__}" if getattr(nn, t.__name__, None) is t else f"{t.__module__}.{t.__qualname__}"
+            own = getattr(nn, t.__name__, None) is t
+            name = f"torch.nn.{t.__name__}" if own else f"{t.__module__}.{t.__qualname__}"
             return f"call_module {self.inst.child_path(node.target)} ({name})"
         if node.op == "call_method":
             return f"call_method Tensor.{node.target}"

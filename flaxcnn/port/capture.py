@@ -207,4 +207,5 @@ def capture(model: nn.Module, example: np.ndarray | torch.Tensor) -> Capture:
     return Capture(root, instances, tuple(int(d) for d in x.shape[1:]), output)
 
 
-__all__ = ["Capture", "Instance", "capture", "is_custom", "indexed", "torch_layer_type", "node_source", "trace", "MODES"]
+__all__ = ["Capture", "Instance", "capture", "is_custom", "indexed", "torch_layer_type", "node_source", "trace",
+           "MODES"]

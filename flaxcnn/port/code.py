@@ -9,7 +9,7 @@ data (:class:`LayerCtor`, :class:`ChildCtor`, :class:`ContainerCtor`) until then
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -53,6 +53,7 @@ class ChildCtor:
     """A custom child module: its NNX class and arguments are known once every class is built."""
 
     path: str  # full torch path of the child instance
+    arg_slots: list[int] = field(default_factory=list)  # the parent's slots holding its arguments
 
 
 @dataclass

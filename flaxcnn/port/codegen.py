@@ -153,8 +153,8 @@ class Generator:
         if is_custom(module):
             return ChildCtor(path)
         if isinstance(module, nn.Sequential):
-            return ContainerCtor("Sequential" if indexed(module) else "Dict", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
-                                                for n, m in module.named_children()])
+            return ContainerCtor("Sequential" if indexed(module) else "Dict",
+                                 [(n, self.ctor(inst, m, f"{target}.{n}", slots)) for n, m in module.named_children()])
         if isinstance(module, nn.ModuleList):
             return ContainerCtor("List", [(n, self.ctor(inst, m, f"{target}.{n}", slots))
                                           for n, m in module.named_children()])
@@ -270,9 +270,10 @@ class Generator:
             for child in self.child_ctors(ctor):
                 variant = self.variant_of[child.path]
                 values = self.arg_values(child.path)
-                child.arg_slots = [len(code.slots.items) + k for k in range(len(values))]  # type: ignore[attr-defined]
+                child.arg_slots = [len(code.slots.items) + k for k in range(len(values))]
+                relative = child.path[len(code.inst.path) + 1:] if code.inst.path else child.path
                 for a, v in zip(variant.args, values):
-                    code.slots.token(v, f"{child.path[len(code.inst.path) + 1 if code.inst.path else 0:].replace('.', '_')}_{a.name}")
+                    code.slots.token(v, f"{relative.replace('.', '_')}_{a.name}")
 
     def used_slots(self, code: InstanceCode) -> tuple[set[int], set[int]]:
         """(slots the constructors use, slots __call__ uses)."""
@@ -282,7 +283,7 @@ class Generator:
             if isinstance(c, LayerCtor):
                 in_init.update(i for _, i in c.args)
             elif isinstance(c, ChildCtor):
-                in_init.update(getattr(c, "arg_slots", []))
+                in_init.update(c.arg_slots)
             elif isinstance(c, ContainerCtor):
                 for _, x in c.items:
                     walk(x)
@@ -370,7 +371,7 @@ class Generator:
             return f"N.{ctor.nnx_name}({', '.join(parts)})"
         if isinstance(ctor, ChildCtor):
             child = self.variant_of[ctor.path]
-            parts = [self.slot_text(variant, j, False) for j in getattr(ctor, "arg_slots", [])]
+            parts = [self.slot_text(variant, j, False) for j in ctor.arg_slots]
             return f"{child.name}({', '.join(parts + ['dtype=dtype', 'rngs=rngs'])})"
         items = [(n, self.render_ctor(variant, c, depth + 1)) for n, c in ctor.items]
         pad = INDENT * (depth + 3)

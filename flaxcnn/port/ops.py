@@ -174,7 +174,8 @@ SUPPORTED = (
 
 
 def _method_binary(body: Body, node: fx.Node, name: str) -> str:
-    return body.binary(node, {"true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub"}.get(name, name))
+    aliases = {"true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub"}
+    return body.binary(node, aliases.get(name, name))
 
 
 def _method_unary(body: Body, node: fx.Node, name: str) -> str:
@@ -285,7 +286,8 @@ def _shape_arg(body: Body, node: fx.Node, sizes) -> str:
 
 
 def _view(body: Body, node: fx.Node, _name: str) -> str:
-    return _reshape_to(body, node, node.args[0], _shape_arg(body, node, _sizes(node.args[1:] or node.kwargs.get("shape", ()))))
+    sizes = _sizes(node.args[1:] or node.kwargs.get("shape", ()))
+    return _reshape_to(body, node, node.args[0], _shape_arg(body, node, sizes))
 
 
 def _torch_reshape(body: Body, node: fx.Node) -> str:
@@ -549,7 +551,8 @@ def _torch_empty(body: Body, node: fx.Node) -> None:
 def _torch_empty_like(body: Body, node: fx.Node) -> None:
     x = node.args[0]
     dtype = node.kwargs.get("dtype")
-    body.pending_empty[node] = (f"{body.val(x)}.shape", body.val(dtype) if dtype is not None else f"{body.val(x)}.dtype")
+    dtype_text = body.val(dtype) if dtype is not None else f"{body.val(x)}.dtype"
+    body.pending_empty[node] = (f"{body.val(x)}.shape", dtype_text)
     return None
 
 
@@ -579,7 +582,8 @@ def _torch_full_like(body: Body, node: fx.Node) -> None:
 
 def _new_full(body: Body, node: fx.Node, _name: str) -> None:
     dtype = node.kwargs.get("dtype")
-    _empty(body, node, _sizes((node.args[1],)), body.val(dtype) if dtype is not None else f"{body.val(node.args[0])}.dtype")
+    dtype_text = body.val(dtype) if dtype is not None else f"{body.val(node.args[0])}.dtype"
+    _empty(body, node, _sizes((node.args[1],)), dtype_text)
     body.pending_fill[node] = _full_value(node, node.args[2] if len(node.args) > 2 else node.kwargs["fill_value"])
 
 

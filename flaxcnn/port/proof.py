@@ -190,14 +190,16 @@ class Proof:
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         if any(r.get("scale", 0.0) > r["max_abs_ref"] for d in self.parts.values() for r in d.values()):
-            lines.append("* measured against its layer's noise floor, not its own max|ref|")
+            lines.append("* measured against its noise floor, not its own max|ref|")
         noise = [f"{part}/{dtype} {r['noise_floor']['tensors']} (worst {r['noise_floor']['tensor']}, "
                  f"ratio {_num(r['noise_floor']['ratio'])})"
                  for part in PARTS for dtype in DTYPES
                  if (r := self.parts.get(dtype, {}).get(part)) is not None and r.get("noise_floor")]
         if noise:
-            lines.append(f"tensors far below their layer's largest (zero gradients: rounding noise), checked against "
-                         f"{NOISE_ULPS} rounding errors of the layer's largest value: " + "; ".join(noise))
+            lines.append(f"tensors far below their layer's largest (rounding noise on both sides), checked against "
+                         f"max({NOISE_ULPS}, {REDUCTION_ULPS} * sqrt(n)) rounding errors of the layer's largest value "
+                         f"(n: the layer's reduction length; steps: at least {WEIGHT_ROUNDING_ULPS} * steps rounding "
+                         "errors of the tensor's weights): " + "; ".join(noise))
         replays = [f"{dtype} " + ", ".join(f"{part} {n}" for part, n in counts.items())
                    for dtype, counts in self.relu_replays.items() if any(counts.values())]
         if replays:

@@ -26,6 +26,7 @@ import gc
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- CPU: {m['cpu_model']} ({m.get('cpus_usable') or m['cpu_count']} usable cores); vector ISA "
         f"{', '.join(m.get('cpu_vector_flags') or []) or 'unknown'}; flaxcnn kernel variants runnable: "
         f"{', '.join(m.get('kernel_isas_runnable') or []) or 'none'}",
-        f"- load average before {m.get('loadavg_before')}, after {m.get('loadavg_after')}",
+        f"- load average before {m.get('loadavg_before')}, after {m.get('loadavg_after')}"
+        + ("" if report.get("complete", True) else " (run incomplete: the models measured so far)"),
         f"- torch {v.get('torch')} ({v.get('torch_num_threads')} threads); jax {v.get('jax')}, flax {v.get('flax')} "
         f"(backend {v.get('jax_backend')}); all paths in one process",
         f"- {s['size']}-size tests/port_zoo.py networks, input 3x32x32, batch {s['batch_size']}, SGD lr {s['lr']} "
@@ -249,18 +251,31 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(settings: dict[str, Any]) -> dict[str, Any]:
-    """Every model's rows, with the machine and versions they were measured on."""
+def run(settings: dict[str, Any], on_model: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every model's rows, with the machine and versions they were measured on; ``on_model(report)``
+    after each model (the report so far, ``"complete": False`` until the last one)."""
     machine = {**machine_info(), "loadavg_before": load_average()}
-    report = {"benchmark": "port_throughput", "machine": machine, "versions": versions(), "settings": settings,
-              "results": []}
+    report = {"benchmark": "port_throughput", "complete": False, "machine": machine, "versions": versions(),
+              "settings": settings, "results": []}
     for name in settings["models"]:
         rows = measure_model(name, settings)
         report["results"].extend(rows)
         for row in rows:
             print(f"  {name:<20} {row['path']:<14} {_rate(row)}", file=sys.stderr, flush=True)
-    machine["loadavg_after"] = load_average()
+        machine["loadavg_after"] = load_average()
+        report["complete"] = name == settings["models"][-1]
+        if on_model is not None:
+            on_model(report)
     return report
+
+
+def write(report: dict[str, Any], out: Path) -> str:
+    """The JSON at ``out`` and the markdown table beside it (``.md``); returns the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    out.with_suffix(".md").write_text(table)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,12 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     except FlaxcnnError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = run(settings)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"port_throughput-{cpu_slug(report['machine']['cpu_model'])}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table)
+    from benchmarks.machine import cpu_model
+
+    out = Path(args.out) if args.out else RESULTS_DIR / f"port_throughput-{cpu_slug(cpu_model())}.json"
+    report = run(settings, on_model=lambda partial: write(partial, out))  # a cut-short run keeps its models
+    table = write(report, out)
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0 if all("error" not in r for r in report["results"]) else 1

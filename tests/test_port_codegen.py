@@ -10,28 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.port_check import assert_ports, example
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+from tests.port_zoo import BasicBlock  # the zoo's ResNet block, ported here at toy widths
 
 
 class TinyResNet(nn.Module):
@@ -66,7 +45,7 @@ def test_residual_blocks_with_projection_shortcut_and_variants():
     assert src.count("class BasicBlock(nnx.Module)") == 1 and src.count("class BasicBlock2(nnx.Module)") == 1
     assert "BasicBlock(4, dtype=dtype, rngs=rngs)" in src and "BasicBlock(8, dtype=dtype, rngs=rngs)" in src
     # named after the torch __init__ parameter passed to the layers (read from its source)
-    assert "def __init__(self, inplanes, dtype=jnp.float32, *, rngs: nnx.Rngs):" in src
+    assert "def __init__(self, in_planes, dtype=jnp.float32, *, rngs: nnx.Rngs):" in src
     assert "self.downsample = nnx.Sequential(" in src
     assert "x = self.stem(x)" in src  # a Sequential called as a chain is one call
     assert "input_chw = (3, 8, 8)" in src and 'loss = "cross_entropy"' in src

@@ -15,9 +15,12 @@ function) are recorded by the same means on the ``nnx.Sequential``. Dropout in t
 replays PyTorch's masks, drawn again exactly, into flaxcnn's dropout layers (:mod:`parity.dropout`).
 ReLU inputs that the two sides decide differently while both are within tolerance of zero are
 replayed into a second PyTorch training step, whose gradients and buffers are then compared
-(:mod:`parity.relu_decisions`; this needs the port's ReLUs to be :class:`flaxcnn.models.nn.ReLU`
+(:mod:`parity.relu_decisions`, ReLU6, Hardswish, Hardsigmoid and LeakyReLU likewise at their
+kinks; this needs the port's activations to be :class:`flaxcnn.models.nn.KinkedActivation`
 layers, the seam they are recorded through, as in flaxcnn's models and generated ports; a ReLU
 written inline as ``jax.nn.relu`` is not seen, the calls do not pair and nothing is replayed).
+PyTorch's layer inputs are copied before each call: an ``inplace=True`` activation overwrites
+its input.
 The recording, the masks and the decisions are the same flow as the parity checks'
 (:mod:`parity.train_pass`).
 
@@ -190,6 +193,15 @@ def _leaf_modules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module
 def _record_torch(model: torch.nn.Module, calls: dict[Key, _TorchCall], grads: dict[Key, np.ndarray] | None):
     """Record every leaf module call into ``calls`` (and its output gradient into ``grads``)."""
     counts: dict[str, int] = defaultdict(int)
+    pending: dict[str, np.ndarray | None] = {}  # a call's input, copied before the call
+
+    def pre_hook_for(name: str):
+        # copied before the call: an in-place layer (nn.ReLU(inplace=True)) overwrites its input
+        def pre_hook(_module, inputs):
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            pending[name] = None if x is None else x.detach().clone().numpy()
+
+        return pre_hook
 
     def hook_for(name: str, module: torch.nn.Module):
         has_state = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
@@ -197,11 +209,10 @@ def _record_torch(model: torch.nn.Module, calls: dict[Key, _TorchCall], grads: d
         def hook(_module, inputs, output):
             key = (name, counts[name])
             counts[name] += 1
-            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
             y = output if isinstance(output, torch.Tensor) else None
             calls[key] = _TorchCall(
                 type(module).__name__,
-                None if x is None else x.detach().clone().numpy(),
+                pending.pop(name, None),
                 None if y is None else y.detach().clone().numpy(),
                 has_state,
             )
@@ -210,8 +221,14 @@ def _record_torch(model: torch.nn.Module, calls: dict[Key, _TorchCall], grads: d
 
         return hook
 
-    with forward_hooks((module, hook_for(name, module)) for name, module in _leaf_modules(model)):
-        yield
+    leaves = list(_leaf_modules(model))
+    pre_handles = [module.register_forward_pre_hook(pre_hook_for(name)) for name, module in leaves]
+    try:
+        with forward_hooks((module, hook_for(name, module)) for name, module in leaves):
+            yield
+    finally:
+        for handle in pre_handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------- flax side

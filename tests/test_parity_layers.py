@@ -193,3 +193,18 @@ def test_cli_layers_report(capsys):
     assert parity_main(["--layers", "--models", "net", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "| conv1 " in out and "no divergence" in out
+
+
+def test_an_inplace_activation_does_not_overwrite_the_recorded_input():
+    """nn.ReLU(inplace=True) writes into its input; the report must compare the input as it was."""
+    from parity.layers import _record_torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1, bias=False), torch.nn.ReLU(inplace=True))
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)
+    calls: dict = {}
+    with torch.no_grad(), _record_torch(model, calls, None):
+        model(torch.ones(1, 1, 2, 2))
+    relu_input = calls[("1", 0)].input
+    assert relu_input is not None and np.all(relu_input == -1.0), relu_input
+    assert np.all(calls[("1", 0)].output == 0.0)

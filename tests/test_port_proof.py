@@ -123,6 +123,18 @@ def test_as_json_holds_what_parity_json_needs(small_proof):
     assert json.loads(json.dumps(data, allow_nan=False)) == data
 
 
+
+def test_float32_accuracy_is_measured_against_pytorchs_float64_run(small_proof):
+    accuracy = small_proof[2].float32_vs_float64
+    assert set(accuracy) == {"grads", "steps"}
+    for row in accuracy.values():
+        # both float32 sides are near the exact (float64) result of this small network, and not exactly on it
+        assert 0 < row["port"] < 1e-4 and 0 < row["pytorch"] < 1e-4, row
+        assert row["port_tensor"] and row["pytorch_tensor"]
+    assert "float32 against PyTorch's float64 run" in small_proof[2].format()
+    assert small_proof[2].as_json()["float32_vs_float64"]["grads"]["port"] == accuracy["grads"]["port"]
+
+
 # ------------------------------------------------------------------------------- registered mirrors
 
 

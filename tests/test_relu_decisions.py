@@ -12,6 +12,7 @@ from flaxcnn.models.nn import ReLU
 from flaxcnn.models.registry import get_model
 from parity.checks import check_model
 from parity.relu_decisions import (
+    Calls,
     decisions_to_replay,
     record_flax_relu_inputs,
     record_torch_relu_inputs,
@@ -52,9 +53,57 @@ def test_torch_relus_are_recorded_and_take_the_replayed_decision():
     with replay_torch_relu_decisions(replay):
         out = F.relu(x)
     out.sum().backward()
-    # element 1 now passes its gradient (flaxcnn's decision), element 2 blocks it
+    # element 1 now passes its gradient (flaxcnn's decision), element 2 blocks it; the values stay PyTorch's
     np.testing.assert_array_equal(x.grad.numpy(), [[1.0, 1.0, 0.0, 0.0]])
-    np.testing.assert_allclose(out.detach().numpy(), [[1.0, -1e-7, 0.0, 0.0]])
+    np.testing.assert_array_equal(out.detach().numpy(), F.relu(x).detach().numpy())
+
+
+def test_relu6_and_hardswish_decisions_at_their_upper_kinks_are_replayed():
+    x = torch.tensor([[6.0 + 1e-6, 6.0 - 1e-6, 3.0, 3.0 + 2e-6, 2.0]], requires_grad=True)
+    with record_torch_relu_inputs() as seen:
+        torch.nn.ReLU6(inplace=False)(x.clone())
+        F.hardswish(x - 3.0 + 3.0)
+    assert seen.kinks == [(0.0, 6.0), (-3.0, 3.0)]
+    flax_side = [np.array([[6.0 - 1e-6, 6.0 + 1e-6, 3.0, 3.0, 2.0]], np.float32),
+                 np.array([[6.0, 6.0, 3.0 + 1e-6, 3.0 - 1e-6, 2.0]], np.float32)]
+    flax_calls = Calls()
+    for value, kinks in zip(flax_side, seen.kinks):
+        flax_calls.add(value, kinks)
+    replay = decisions_to_replay(seen, flax_calls, atol=1e-5, rtol=0.0)
+    # ReLU6: elements 0 and 1 cross 6; Hardswish: elements 2 and 3 cross 3 (elements 0 and 1 are past it on both sides)
+    assert replay.tolerated == 4 and replay.beyond_tolerance == 0
+    with replay_torch_relu_decisions(replay):
+        (torch.nn.ReLU6()(x) + F.hardswish(x)).sum().backward()
+    middle = ((2 * x.detach() + 3) / 6).numpy()[0]  # Hardswish's derivative between its kinks
+    relu6 = [1.0, 0.0, 1.0, 1.0, 1.0]  # elements 0 and 1 as the Flax side decided them
+    hardswish = [1.0, 1.0, 1.0, middle[3], middle[4]]  # elements 2 and 3 as the Flax side decided them
+    expected = np.array([relu6]) + np.array([hardswish])
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-6)
+
+
+def test_kinks_that_do_not_match_are_named_not_replayed():
+    one = np.zeros((1, 2), np.float32)
+    torch_calls, flax_calls = Calls(), Calls()
+    torch_calls.add(one, (0.0, 6.0))
+    flax_calls.add(one, (0.0,))
+    replay = decisions_to_replay(torch_calls, flax_calls, atol=0, rtol=0)
+    assert "kinks at (0.0, 6.0)" in replay.unpaired and replay.tolerated == 0
+
+
+def test_flax_kinked_layers_are_recorded_with_their_kinks():
+    from flaxcnn.models.nn import Hardswish, LeakyReLU, ReLU6
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.a, self.b, self.c = ReLU6(), Hardswish(), LeakyReLU(0.2)
+
+        def __call__(self, x):
+            return self.c(self.b(self.a(x)))
+
+    model = Tiny()
+    with record_flax_relu_inputs(model) as seen:
+        nnx.jit(lambda m, v: m(v))(model, jnp.ones((2, 3)))
+    assert len(seen) == 3 and seen.kinks == [(0.0, 6.0), (-3.0, 3.0), (0.0,)]
 
 
 def test_flax_relus_are_recorded_under_value_and_grad_in_nchw():

@@ -650,18 +650,72 @@ class AdaptiveMaxPool2d(nnx.Module):
 # --- activations --------------------------------------------------------------------------
 
 
-class ReLU(nnx.Module):
-    """``nn.ReLU``. ``tap``: an explicit seam for verification (None in normal use): a callable
-    that the parity suite sets, on a copy of a model, to see every ReLU input (it records, then
-    the ReLU runs unchanged; see :mod:`parity.relu_decisions`)."""
+class KinkedActivation(nnx.Module):
+    """A piecewise activation whose derivative jumps at fixed inputs (:meth:`kinks`): an input
+    within rounding of a kink is decided by the last bits of the forward pass. ``tap``: an
+    explicit seam for verification (None in normal use): a callable that the parity suite and
+    the port's proof set, on a copy of a model, to see every input (they record, then the layer
+    runs unchanged; see :mod:`parity.relu_decisions`). ``inplace`` is PyTorch's memory option,
+    accepted and ignored. A subclass gives ``KINKS`` and ``fn`` (or overrides both methods)."""
 
-    def __init__(self, tap: Callable[[jax.Array], None] | None = None):
+    KINKS: tuple[float, ...] = ()
+    fn: Callable[[jax.Array], jax.Array]
+
+    def __init__(self, inplace: bool = False, *, tap: Callable[[jax.Array], None] | None = None):
+        del inplace
         self.tap = tap
+
+    def kinks(self) -> tuple[float, ...]:
+        return type(self).KINKS
+
+    def activate(self, x: jax.Array) -> jax.Array:
+        return type(self).fn(x)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.tap is not None:
             self.tap(x)
-        return jax.nn.relu(x)
+        return self.activate(x)
+
+
+class ReLU(KinkedActivation):
+    """``nn.ReLU``, with the verification seam ``tap`` (:class:`KinkedActivation`)."""
+
+    KINKS = (0.0,)
+    fn = staticmethod(jax.nn.relu)
+
+
+class ReLU6(KinkedActivation):
+    """``nn.ReLU6``: min(max(x, 0), 6); gradient 0 at 0 and 6 (PyTorch's hardtanh backward)."""
+
+    KINKS = (0.0, 6.0)
+    fn = staticmethod(F.relu6)
+
+
+class Hardswish(KinkedActivation):
+    """``nn.Hardswish``: x * relu6(x + 3) / 6; gradient 0 at -3, 1 at 3 (PyTorch's)."""
+
+    KINKS = (-3.0, 3.0)
+    fn = staticmethod(F.hardswish)
+
+
+class Hardsigmoid(KinkedActivation):
+    """``nn.Hardsigmoid``: relu6(x + 3) / 6; gradient 0 at -3 and 3 (PyTorch's)."""
+
+    KINKS = (-3.0, 3.0)
+    fn = staticmethod(F.hardsigmoid)
+
+
+class LeakyReLU(KinkedActivation):
+    """``nn.LeakyReLU(negative_slope)``: x if x > 0 else slope * x; gradient ``slope`` at 0 (PyTorch's)."""
+
+    KINKS = (0.0,)
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
+        super().__init__(inplace)
+        self.negative_slope = float(negative_slope)
+
+    def activate(self, x: jax.Array) -> jax.Array:
+        return F.leaky_relu(x, self.negative_slope)
 
 
 class _Elementwise(nnx.Module):
@@ -675,24 +729,6 @@ class _Elementwise(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return type(self).fn(x)
-
-
-class ReLU6(_Elementwise):
-    """``nn.ReLU6``: min(max(x, 0), 6); gradient 0 at 0 and 6 (PyTorch's hardtanh backward)."""
-
-    fn = staticmethod(F.relu6)
-
-
-class Hardswish(_Elementwise):
-    """``nn.Hardswish``: x * relu6(x + 3) / 6; gradient 0 at -3, 1 at 3 (PyTorch's)."""
-
-    fn = staticmethod(F.hardswish)
-
-
-class Hardsigmoid(_Elementwise):
-    """``nn.Hardsigmoid``: relu6(x + 3) / 6; gradient 0 at -3 and 3 (PyTorch's)."""
-
-    fn = staticmethod(F.hardsigmoid)
 
 
 class SiLU(_Elementwise):
@@ -717,16 +753,6 @@ class Tanh(_Elementwise):
 
     def __init__(self):
         super().__init__()
-
-
-class LeakyReLU(nnx.Module):
-    """``nn.LeakyReLU(negative_slope)``: x if x > 0 else slope * x; gradient ``slope`` at 0 (PyTorch's)."""
-
-    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
-        self.negative_slope = float(negative_slope)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return F.leaky_relu(x, self.negative_slope)
 
 
 class ELU(nnx.Module):

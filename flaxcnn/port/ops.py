@@ -140,12 +140,11 @@ def _sizes(args: tuple) -> object:
 
 UNARY = {  # torch function / Tensor method name -> NNX expression template
     "sigmoid": "jax.nn.sigmoid({})", "tanh": "jnp.tanh({})", "silu": "jax.nn.silu({})",
-    "relu6": "F.relu6({})", "hardswish": "F.hardswish({})", "hardsigmoid": "F.hardsigmoid({})",
     "exp": "jnp.exp({})", "sqrt": "jnp.sqrt({})", "abs": "jnp.abs({})", "neg": "-{}",
 }
 UNARY_FUNCTIONS = {
     F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", F.tanh: "tanh",
-    torch.tanh: "tanh", F.silu: "silu", F.relu6: "relu6", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
+    torch.tanh: "tanh", F.silu: "silu",
     torch.exp: "exp", torch.sqrt: "sqrt", torch.abs: "abs", operator.neg: "neg", torch.neg: "neg",
 }
 BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "truediv": "/", "floordiv": "//", "pow": "**"}
@@ -219,14 +218,34 @@ def _dropout(nnx_name: str):
     return handle
 
 
-def _relu(body: Body, node: fx.Node, _name: str | None = None) -> str:
-    """``F.relu(x)`` / ``torch.relu(x)`` / ``x.relu()`` -> ``self.relu(x)``: one ``N.ReLU()`` per class
-    (``relu_fn`` where a torch child is already called ``relu``), so every ReLU of a port is a
-    layer with the verification seam of :class:`flaxcnn.models.nn.ReLU` (its ``tap``)."""
-    children = {n for n, _ in body.inst.module.named_children()}
-    name = "relu" if "relu" not in children else "relu_fn"
-    body.fn_attrs.ctors.setdefault(name, LayerCtor("ReLU", [], False, False))
-    return f"self.{name}({body.val(node.args[0] if node.args else node.kwargs['input'])})"
+def _kinked(nnx_name: str, attr: str):
+    """``F.relu(x)`` / ``torch.relu(x)`` / ``x.relu()`` -> ``self.relu(x)`` (and ``F.relu6``,
+    ``F.hardswish``, ``F.hardsigmoid`` likewise): one ``N.<nnx_name>()`` per class (``<attr>_fn``
+    where a torch child already has the name), so every piecewise activation of a port is a
+    layer with the verification seam of :class:`flaxcnn.models.nn.KinkedActivation` (its ``tap``)."""
+
+    def handle(body: Body, node: fx.Node, _name: str | None = None) -> str:
+        children = {n for n, _ in body.inst.module.named_children()}
+        name = attr if attr not in children else f"{attr}_fn"
+        body.fn_attrs.ctors.setdefault(name, LayerCtor(nnx_name, [], False, False))
+        return f"self.{name}({body.val(node.args[0] if node.args else node.kwargs['input'])})"
+    return handle
+
+
+_relu = _kinked("ReLU", "relu")
+
+
+def _leaky_relu(body: Body, node: fx.Node) -> str:
+    """``F.leaky_relu(x, slope)`` -> ``self.leaky_relu_fn<k>(x)``, a ``N.LeakyReLU(slope)`` layer
+    (the verification seam, as for :func:`_kinked`)."""
+    a = _bind(node, ["input", "negative_slope"], {"negative_slope": 0.01})
+    if isinstance(a["negative_slope"], fx.Node):
+        raise Unsupported("negative_slope computed in the graph")
+    slots = body.slots
+    args = [(None, len(slots.items))]
+    slots.token(float(a["negative_slope"]), f"{node.name}_negative_slope", REQUIRED)
+    attr = body.fn_attrs.get("leaky_relu", LayerCtor("LeakyReLU", args, False, False), slots)
+    return f"self.{attr}({body.val(a['input'])})"
 
 
 def _pool(nnx_name: str, kind: str, names: list[str], defaults: dict, positional: int = 1):
@@ -618,8 +637,9 @@ def _type_as(body: Body, node: fx.Node, _name: str) -> str:
 
 
 FUNCTIONS = {
-    F.relu: _relu, torch.relu: _relu,
-    F.leaky_relu: _activation("leaky_relu", ["input", "negative_slope"], {"negative_slope": 0.01}),
+    F.relu: _relu, torch.relu: _relu, F.relu6: _kinked("ReLU6", "relu6"),
+    F.hardswish: _kinked("Hardswish", "hardswish"), F.hardsigmoid: _kinked("Hardsigmoid", "hardsigmoid"),
+    F.leaky_relu: _leaky_relu,
     F.elu: _activation("elu", ["input", "alpha"], {"alpha": 1.0}),
     F.gelu: _activation("gelu", ["input", "approximate"], {"approximate": "none"}),
     F.softmax: _softmax("softmax"), torch.softmax: _softmax("softmax"),

@@ -47,13 +47,15 @@ showed (and each tested to still fail a tensor of normal size that is 1% wrong):
   weights in [0.0625, 0.125); float64 agrees to 2e-13). A change 1% wrong is caught once it is
   over ~7e-5 (float32) of its weights' largest magnitude.
 
-ReLU decisions made by rounding: a ReLU input within rounding of 0 can be decided differently
-by two correct forwards, and every gradient upstream then moves by that element's whole
-contribution. As in the parity suite (:mod:`parity.relu_decisions`), both sides' ReLU inputs are
-recorded at every step (the port's through :class:`flaxcnn.models.nn.ReLU`'s ``tap``, inside its
-jitted step); where they differ only within the forward tolerance (relative to the call's largest
-input) of zero, PyTorch's steps are run again, each step taking the port's decisions of that
-step, on the same draws. Gradients, buffers and steps are compared against that run, forwards
+ReLU decisions made by rounding: a ReLU input within rounding of 0 (a ReLU6 input within
+rounding of 0 or 6, a Hardswish's of -3 or 3, ...) can be decided differently by two correct
+forwards, and every gradient upstream then moves by that element's whole contribution. As in
+the parity suite (:mod:`parity.relu_decisions`), both sides' inputs of these piecewise
+activations are recorded at every step (the port's through the ``tap`` of its
+:class:`flaxcnn.models.nn.KinkedActivation` layers, inside its jitted step); where they differ
+only within the forward tolerance (relative to the call's largest input) of a kink, PyTorch's
+steps are run again, each step taking the port's decisions of that step (PyTorch's values, the
+derivative of the port's side of the kink), on the same draws. Gradients, buffers and steps are compared against that run, forwards
 against the first; the count is in ``relu_replays`` (per dtype: ``grads``, ``steps``). A
 decision that differs outside that band is a real difference, never replayed (a note says how
 many). A part's row names its worst tensor among those measured
@@ -157,6 +159,8 @@ class Proof:
     notes: list[str] = field(default_factory=list)
     #: {dtype: {"grads": n, "steps": m}}: ReLU decisions made by rounding, taken as the port took them
     relu_replays: dict = field(default_factory=dict)
+    #: {part: ...}: each float32 side against PyTorch's float64 run (:func:`float32_accuracy`)
+    float32_vs_float64: dict = field(default_factory=dict)
 
     def as_json(self) -> dict:
         """What ``DIR/parity.json`` holds (non-finite numbers written as strings)."""
@@ -170,6 +174,7 @@ class Proof:
             "noise_floor": {"ulps": NOISE_ULPS, "parts": list(FLOORED_PARTS), "reduction_ulps": REDUCTION_ULPS,
                             "weight_rounding_ulps": WEIGHT_ROUNDING_ULPS},
             "relu_replays": {dtype: dict(counts) for dtype, counts in self.relu_replays.items()},
+            "float32_vs_float64": {part: _json_row(row) for part, row in self.float32_vs_float64.items()},
             "settings": dict(self.settings),
             "notes": list(self.notes),
         }
@@ -205,6 +210,12 @@ class Proof:
         if replays:
             lines.append("ReLU decisions made by rounding, replayed into PyTorch as the port took them: "
                          + "; ".join(replays))
+        accuracy = [f"{part}: port {_num(r['port'])} ({r['port_tensor']}; PyTorch {_num(r['pytorch_on_that_tensor'])} "
+                    f"there), PyTorch's worst {_num(r['pytorch'])} ({r['pytorch_tensor']})"
+                    for part, r in self.float32_vs_float64.items()]
+        if accuracy:
+            lines.append("float32 against PyTorch's float64 run, max|float32 - float64| / max|float64| (not part of "
+                         "the verdict): " + "; ".join(accuracy))
         lines.append(f"loss: {self.loss}; verdict: {'passed' if self.passed else 'failed'}")
         lines.append(f"first divergent layer: {self.first_divergent_layer or 'none'}")
         lines += [f"note: {n}" for n in self.notes]
@@ -500,8 +511,7 @@ def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, dra
         masks = [jnp.asarray(d.nnx_layout()) for d in draws[k]]
         params, rest, out, g = step(params, rest, masks, x, target)
         jax.effects_barrier()
-        relu_inputs.append(list(recorded))
-        recorded.clear()
+        relu_inputs.append(recorded.take())
         if k == 0:
             train_forward = np.asarray(out)
             grads = {n: v for n, v in _torch_keyed(graphdef, g, rest).items() if n in param_names}
@@ -571,7 +581,8 @@ def _relu_notes(decisions: list[DecisionReplay]) -> list[str]:
     beyond = [d for d in decisions if d.beyond_tolerance]
     if beyond:
         notes.append(f"{sum(d.beyond_tolerance for d in beyond)} ReLU decision(s) differ outside the forward "
-                     f"tolerance of zero (largest |input| {max(d.largest_beyond for d in beyond):.2e}): not replayed")
+                     f"tolerance of a kink (ReLU's 0, ReLU6's 0 and 6, ...; largest |input| "
+                     f"{max(d.largest_beyond for d in beyond):.2e}): not replayed")
     return notes
 
 
@@ -585,6 +596,44 @@ class DtypeRun:
     notes: list[str]
     reductions: dict[str, int]
     relu_replays: dict[str, int]
+    flax_side: SideRun | None = None  # the port's run
+    torch_side: SideRun | None = None  # PyTorch's run the gradients and steps were compared against
+
+
+#: the parts :func:`float32_accuracy` measures: those whose float32 error can grow with depth and steps
+ACCURACY_PARTS = ("grads", "steps")
+
+
+def float32_accuracy(runs: Mapping[str, DtypeRun], steps: int) -> dict[str, dict]:
+    """How far each float32 side is from PyTorch's float64 run (the exact result, to ~1e-12 here),
+    per part, measured as the proof measures (:func:`part_summary`: per tensor against its own
+    size or its layer's float32 noise floor): the port's worst tensor and ratio, PyTorch's ratio on
+    that tensor, and PyTorch's own worst. Not part of the verdict: it says whether a float32
+    difference between the two sides is the port's or both sides' rounding, as when a deep
+    network's float32 steps move both sides away from the exact trajectory."""
+    f32, f64 = runs["float32"], runs["float64"]
+    out: dict[str, dict] = {}
+    for part, attr in (("grads", "grads"), ("steps", "deltas")):
+        exact = getattr(f64.torch_side, attr)
+        names = [n for n in exact if n not in f32.torch_side.integers]
+        if not names:
+            continue
+
+        def against_exact(side: SideRun) -> dict[str, TensorDiff]:
+            diffs = {n: tensor_diff(getattr(side, attr)[n], exact[n]) for n in names}
+            if part == "steps":
+                diffs = {n: _with_floor(d, weight_rounding_floor(f32.torch_side.w0_max.get(n, 0.0), steps, "float32"))
+                         for n, d in diffs.items()}
+            return diffs
+
+        port, pytorch = against_exact(f32.flax_side), against_exact(f32.torch_side)
+        port_row = part_summary(port, "float32", part, f32.reductions)
+        torch_row = part_summary(pytorch, "float32", part, f32.reductions)
+        on_port_worst = ratios(pytorch, "float32", part, f32.reductions)[port_row["tensor"]][1]
+        out[part] = {"port": port_row["ratio"], "port_tensor": port_row["tensor"],
+                     "pytorch_on_that_tensor": on_port_worst,
+                     "pytorch": torch_row["ratio"], "pytorch_tensor": torch_row["tensor"]}
+    return out
 
 
 def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module], x: np.ndarray,
@@ -611,7 +660,8 @@ def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.
         counts = relu_replay_counts(replayed.relu_replays)
         decisions = replayed.relu_replays
     diffs = compare_runs(flax_run, torch_run, dtype=dtype, steps=steps, replayed=replayed)
-    return DtypeRun(diffs, torch_run.draws, flax_run.notes + _relu_notes(decisions), torch_run.reductions, counts)
+    return DtypeRun(diffs, torch_run.draws, flax_run.notes + _relu_notes(decisions), torch_run.reductions, counts,
+                    flax_run, replayed or torch_run)
 
 
 def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module],
@@ -655,7 +705,7 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
                                                    runs["float32"].draws, seed=seed, reductions=reductions)
         notes += layer_notes + max_pool_near_tie_notes(torch_module, x, seed=seed)
     return Proof(passed, first, loss, parts, {"steps": steps, "lr": lr, "seed": seed}, notes,
-                 {dtype: run.relu_replays for dtype, run in runs.items()})
+                 {dtype: run.relu_replays for dtype, run in runs.items()}, float32_accuracy(runs, steps))
 
 
 def max_pool_near_tie_notes(torch_module: torch.nn.Module, x: np.ndarray, *, seed: int) -> list[str]:

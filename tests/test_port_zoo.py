@@ -54,9 +54,11 @@ UNREGISTERED_REFERENCES = {"net-depth-as-written": (references.NetDepthAsWritten
 # They run at batch 32: at batch 4, train-mode BatchNorm on the late 4x4 to 1x1 maps normalises
 # over 4-64 values per channel, and float32 rounding grows through the layers (MobileNetV2's
 # recorded activations: 3e-7 of their largest value at the stem, 3e-5 at the head in the first
-# step, ten times that in the next), so the float32 gradients and steps of correct ports
-# failed there while float64 agreed to 1e-11; at batch 32 ShuffleNetV2's and DenseNet-121's pass.
+# step, ten times that in the next); at batch 32 ShuffleNetV2's and EfficientNet-B0's float32
+# steps pass. DenseNet-121 passes at batch 4, and its proof at batch 32 took more than the 24 GB
+# of the machine it ran on (killed at 18.6 GB resident), so it stays at 4.
 FULL_BATCH = 32
+FULL_BATCH_OVERRIDES = {"densenet121": 4}
 run_only_when_selected = pytest.mark.skipif("'slow' not in config.getoption('markexpr')",
                                             reason="full-size port proofs run only with -m slow")
 
@@ -302,7 +304,8 @@ def test_reference_port_loads_the_mirrors_state_dict(ported, name):
 def test_zoo_full_size_port_passes_its_proof(tmp_path, name):
     model = port_zoo.build(name, "full")
     out_dir = tmp_path / name
-    result = port.port(model, example_input(port_zoo.INPUT_CHW, FULL_BATCH), out_dir=out_dir)
+    batch = FULL_BATCH_OVERRIDES.get(name, FULL_BATCH)
+    result = port.port(model, example_input(port_zoo.INPUT_CHW, batch), out_dir=out_dir)
     assert (out_dir / "parity.json").exists(), "the port wrote no parity.json"
     target = FULL_RESULTS / name
     target.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from flax import nnx
 from flaxcnn import kernels
 from flaxcnn.errors import ConfigError
 from flaxcnn.models import conv_policy, ops
-from flaxcnn.models.conv_policy import CPP, ConvLayer, ConvPolicy, PoolLayer
+from flaxcnn.models.conv_policy import CPP, ConvLayer, ConvPolicy, DepthwiseLayer, Layer, PoolLayer
 
 #: timing rounds per layer part (best of them), and the time after which no further round starts
 #: (at least three run): these bound the cost of a new layer shape, not a property of a machine
@@ -59,6 +59,29 @@ def _pool_example(layer: PoolLayer, rng: np.random.Generator) -> tuple[np.ndarra
     return x, g
 
 
+def _depthwise_example(layer: DepthwiseLayer, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.standard_normal((layer.n, layer.h, layer.w, layer.c)).astype(np.float32)
+    w = (rng.standard_normal(layer.kernel_shape) / math.sqrt(layer.kernel_hw[0] * layer.kernel_hw[1])).astype(np.float32)
+    return x, w
+
+
+def _example(layer: Layer, part: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(layer, PoolLayer):
+        return _pool_example(layer, rng)
+    if isinstance(layer, DepthwiseLayer):
+        return _depthwise_example(layer, rng)
+    return _conv_example(layer, part, rng)
+
+
+def _depthwise_pass(impl: Callable) -> Callable:
+    """A depthwise convolution's part is its whole training pass: forward, then the input and
+    kernel gradients (by autodiff of that formulation) for an output gradient."""
+    def train_pass(x, w, layer):
+        y, pullback = jax.vjp(lambda x, w: impl(x, w, layer), x, w)
+        return y, pullback(y)
+    return train_pass
+
+
 def _pool_pass(part: str, impl: ops.PoolImpl) -> Callable:
     """``pool_forward`` is the forward pass alone (evaluation), ``pool`` the forward and backward
     pass of training (they share the residual). Both are timed after a tanh: a pool's input is an
@@ -73,8 +96,10 @@ def _pool_pass(part: str, impl: ops.PoolImpl) -> Callable:
     return train_pass
 
 
-def candidates(layer: ConvLayer | PoolLayer, part: str) -> dict[str, Callable]:
+def candidates(layer: Layer, part: str) -> dict[str, Callable]:
     """The implementations that can run ``part`` of ``layer`` here, each ``(a, b, layer) -> out``."""
+    if isinstance(layer, DepthwiseLayer):
+        return {name: _depthwise_pass(impl) for name, impl in ops.DEPTHWISE.items()}
     if isinstance(layer, PoolLayer):
         return {name: _pool_pass(part, impl) for name, impl in ops.POOLS.items()
                 if name != CPP or layer.has_kernel(part)}
@@ -84,10 +109,10 @@ def candidates(layer: ConvLayer | PoolLayer, part: str) -> dict[str, Callable]:
     return {name: ops.PARTS[part][name] for name in names}
 
 
-def time_part(layer: ConvLayer | PoolLayer, part: str) -> dict[str, float]:
+def time_part(layer: Layer, part: str) -> dict[str, float]:
     """Best-of-rounds seconds of each candidate implementation of ``part`` for ``layer``."""
     rng = np.random.default_rng(0)
-    args = _pool_example(layer, rng) if isinstance(layer, PoolLayer) else _conv_example(layer, part, rng)
+    args = _example(layer, part, rng)
     args = [jax.device_put(a, jax.local_devices(backend="cpu")[0]) for a in args]
     compiled = {}
     for name, impl in candidates(layer, part).items():

@@ -1,6 +1,7 @@
 """The conv policy: a rule, explicit and immutable; policy files; what a run records; tune."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from jax import lax
 from flaxcnn import kernels
 from flaxcnn.errors import ConfigError
 from flaxcnn.models import conv_policy, ops
-from flaxcnn.models.conv_policy import DEFAULT, XLA_ONLY, ConvLayer, ConvPolicy, PoolLayer
+from flaxcnn.models.conv_policy import DEFAULT, XLA_ONLY, ConvLayer, ConvPolicy, DepthwiseLayer, PoolLayer
 from flaxcnn.models.registry import get_model
 
 on_cpu_with_kernels = pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.available(),
@@ -32,6 +33,65 @@ def test_the_rule_is_kernels_where_they_apply_and_xla_elsewhere():
     assert DEFAULT.choose(PoolLayer(64, 8, 8, 16, 2, None), "pool", ops.POOLS) == "taps"  # no kernels
     assert DEFAULT.choose(PoolLayer(64, 8, 8, 16, 2, "avx2"), "pool", ops.POOLS) == "taps"  # windows tile 8x8
     assert DEFAULT.choose(PoolLayer(64, 9, 8, 16, 2, "avx2"), "pool", ops.POOLS) == "cpp"  # a cropped row
+
+
+def test_a_map_smaller_than_the_kernel_runs_forward_and_input_grad_as_one_matmul():
+    small = ConvLayer(64, 2, 2, (3, 3, 512, 512), ((1, 1), (1, 1)), None, "avx2")  # VGG-11's last convolutions
+    assert [DEFAULT.choose(small, part, ops.PARTS[part]) for part in conv_policy.CONV_PARTS] == ["banded", "xla", "banded"]
+    assert DEFAULT.choose(ConvLayer(64, 4, 4, (3, 3, 512, 512), ((1, 1), (1, 1)), None, "avx2"), "forward",
+                          ops.FORWARD) == "xla"
+    with_kernel = ConvLayer(64, 2, 2, (3, 3, 16, 16), ((1, 1), (1, 1)), None, "avx2")
+    assert DEFAULT.choose(with_kernel, "forward", ops.FORWARD) == "cpp"  # a kernel still wins
+
+
+def _depthwise(multiplier=1, kernel=(3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1)):
+    return DepthwiseLayer(2, 9, 8, 6, multiplier, kernel, strides, padding, dilation, None)
+
+
+def test_depthwise_convolutions_run_per_tap_and_an_override_can_send_them_to_xla():
+    layer = _depthwise()
+    assert DEFAULT.choose(layer, "depthwise", ops.DEPTHWISE) == "taps"
+    assert XLA_ONLY.choose(layer, "depthwise", ops.DEPTHWISE) == "taps"  # an XLA program, no C++ kernel
+    assert layer.key() == "depthwise 6x1 3x3 stride 1,1 dilation 1,1 pad 1,1,1,1 on 9x8"
+    to_xla = ConvPolicy(overrides=((layer.key(), "depthwise", "xla"),), source="t.json")
+    assert to_xla.choose(layer, "depthwise", ops.DEPTHWISE) == "xla"
+    with pytest.raises(ConfigError, match="'cpp' cannot run depthwise"):
+        ConvPolicy(overrides=((layer.key(), "depthwise", "cpp"),), source="t.json").choose(layer, "depthwise",
+                                                                                           ops.DEPTHWISE)
+
+
+@pytest.mark.parametrize("layer", [
+    _depthwise(), _depthwise(strides=(2, 2)), _depthwise(kernel=(5, 5), padding=((2, 2), (2, 2)), strides=(2, 1)),
+    _depthwise(multiplier=2), _depthwise(dilation=(2, 2), padding=((2, 2), (2, 2))),
+    _depthwise(padding=((0, 1), (1, 0)))], ids=lambda layer: layer.key())
+def test_depthwise_taps_compute_xla_s_grouped_convolution_forward_and_backward(layer):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((layer.n, layer.h, layer.w, layer.c)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(layer.kernel_shape), jnp.float32)
+    outs = {}
+    for name, impl in ops.DEPTHWISE.items():
+        y, pullback = jax.vjp(lambda x, w: impl(x, w, layer), x, w)
+        outs[name] = (y, *pullback(jnp.cos(y)))  # a cotangent that varies over the output
+    assert outs["taps"][0].shape == (layer.n, *layer.out_hw, layer.c * layer.multiplier)
+    for got, want in zip(outs["taps"], outs["xla"]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the model-level path: a grouped nnx.Conv through ops.Convolution lowers to no convolution on CPU
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
+    conv = jax.jit(lambda x, w: ops.conv_general_dilated(x, w, layer.strides, layer.padding, rhs_dilation=layer.dilation,
+                                                         dimension_numbers=dn, feature_group_count=layer.c))
+    np.testing.assert_allclose(conv(x, w), outs["xla"][0], rtol=1e-5, atol=1e-5)
+    if jax.default_backend() == "cpu":
+        assert not re.search(r" convolution\(", conv.lower(x, w).compile().as_text())
+
+
+def test_the_banded_input_gradient_is_xla_s():
+    rng = np.random.default_rng(1)
+    for padding in (((1, 1), (1, 1)), ((0, 2), (2, 0)), ((3, 3), (0, 0))):  # the last crops the gradient's pad
+        layer = ConvLayer(3, 2, 3, (3, 3, 5, 7), padding, lax.Precision.HIGHEST, None)
+        w = jnp.asarray(rng.standard_normal(layer.kernel_shape), jnp.float32)
+        g = jnp.asarray(rng.standard_normal((3, *layer.out_hw, 7)), jnp.float32)
+        np.testing.assert_allclose(ops.input_grad_banded(g, w, layer), ops.input_grad_xla(g, w, layer),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_an_override_replaces_the_rule_for_its_shape_and_part_only():

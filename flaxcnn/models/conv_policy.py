@@ -5,11 +5,15 @@ A :class:`ConvPolicy` is a rule, not a measurement. Its default:
 * on CPU, in float32, flaxcnn's C++ kernels (:mod:`flaxcnn.kernels`) for every part of a
   convolution's training step (forward, kernel gradient, input gradient) they have a kernel
   for, and for max-pools whose windows crop the input; XLA's fused "taps" max-pool where the
-  windows tile it (:meth:`PoolLayer.rule_uses_kernel` gives the figures);
+  windows tile it (:meth:`PoolLayer.rule` gives the figures);
 * XLA's own convolution and max-pool everywhere else: other dtypes (float64 proofs, bfloat16),
   the parts the kernels have no code for (channel counts outside ``kernels.CHANNELS``), strided,
   dilated or grouped convolutions, and every other platform (GPU, TPU: chosen at lowering by
-  ``lax.platform_dependent``, so a CPU policy never reaches a GPU).
+  ``lax.platform_dependent``, so a CPU policy never reaches a GPU);
+* two exceptions on CPU in float32, both still XLA programs, where XLA's convolution is measurably
+  slow: an im2col matmul for the forward and input gradient of a convolution on a map smaller
+  than its kernel (:meth:`ConvLayer.rule`), and one multiply-add per kernel tap for depthwise
+  convolutions (:class:`DepthwiseLayer`), with the figures there.
 
 Why a rule: the kernels beat XLA's convolutions on every lab network and CPU kind measured so
 far (1.28-2.41x the XLA-only path on a Zen 3 AVX2 EPYC, 2026-12-05), and the per-layer timing
@@ -44,6 +48,8 @@ from flaxcnn.errors import ConfigError
 #: the parts of a convolution's training step, and of a max-pool (forward alone / train pass)
 CONV_PARTS = ("forward", "kernel_grad", "input_grad")
 POOL_PARTS = ("pool_forward", "pool")
+#: a depthwise convolution is one part: its forward and both gradients come from one formulation
+DEPTHWISE_PARTS = ("depthwise",)
 FILE_FORMAT = "flaxcnn-conv-policy/1"
 #: the name of flaxcnn's C++ kernel implementation in every table of flaxcnn.models.ops
 CPP = "cpp"
@@ -75,17 +81,29 @@ class ConvLayer:
         (t, b), (l, r) = self.padding
         return f"conv {c}->{o} {kh}x{kw} pad {t},{b},{l},{r} on {self.h}x{self.w}"
 
-    #: the rule's implementation where the C++ kernels do not apply: XLA's convolution
+    #: the rule's implementation where neither the C++ kernels nor a rule exception apply
     without_kernel = "xla"
 
     def has_kernel(self, part: str) -> bool:
         return self.isa is not None and kernels.supports_conv(self.kernel_shape[2], self.kernel_shape[3],
                                                               jnp.float32)[part]
 
-    def rule_uses_kernel(self, part: str) -> bool:
-        """The default rule: the C++ kernel wherever there is one (1.3-5x XLA's convolution per
-        part on the lab layers; ``flaxcnn tune`` prints the figures for a machine)."""
-        return self.has_kernel(part)
+    def rule(self, part: str) -> str:
+        """The default rule for ``part``: the C++ kernel wherever there is one (1.3-5x XLA's
+        convolution per part on the lab layers; ``flaxcnn tune`` prints the figures for a machine).
+
+        One exception: a layer without a kernel whose map is smaller than its kernel (VGG's and
+        ResNet's 3x3 convolutions on 2x2 and 1x1 maps) runs its forward and input gradient as one
+        im2col matmul (``banded``): XLA's CPU convolution handles those padded windows badly
+        (VGG-11's 512->512 on 2x2 at batch 64, forward: XLA 312 ms, banded 16.7 ms; input
+        gradient 370 ms on XLA; Intel Xeon AVX-512, ``flaxcnn tune``). Its kernel gradient stays
+        on XLA, which is not slow there."""
+        if self.has_kernel(part):
+            return CPP
+        kh, kw = self.kernel_shape[:2]
+        if part in ("forward", "input_grad") and (self.h < kh or self.w < kw):
+            return "banded"
+        return self.without_kernel
 
 
 @dataclass(frozen=True)
@@ -113,13 +131,63 @@ class PoolLayer:
     def has_kernel(self, part: str) -> bool:
         return self.isa is not None
 
-    def rule_uses_kernel(self, part: str) -> bool:
+    def rule(self, part: str) -> str:
         """The default rule: the C++ pool where the windows crop the input (it skips the rows and
         columns past the last window without a copy: SpeechNet's 99x26 and 49x13 pools, 1.9 vs
         2.0 and 0.76 vs 0.90 ms per training pass), XLA's taps where they tile it exactly (XLA fuses
         them into their producer: NetDepth's three pools on taps took its training step from 14.3
         to 12.5 ms). Measured with ``flaxcnn tune`` on an Intel Xeon with AVX-512, batch 64."""
-        return self.has_kernel(part) and bool(self.h % self.k or self.w % self.k)
+        crops = bool(self.h % self.k or self.w % self.k)
+        return CPP if self.has_kernel(part) and crops else self.without_kernel
+
+
+@dataclass(frozen=True)
+class DepthwiseLayer:
+    """One float32 NHWC depthwise convolution on CPU (groups == input channels, ``multiplier``
+    outputs per channel), as a policy sees it: MobileNet's, ShuffleNet's, EfficientNet's."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    multiplier: int
+    kernel_hw: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+    precision: Any
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:  # HWIO, I = 1
+        return (*self.kernel_hw, 1, self.c * self.multiplier)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (t, b), (l, r) = self.padding
+        return tuple((size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in
+                     ((self.h, t, b, self.kernel_hw[0], self.strides[0], self.dilation[0]),
+                      (self.w, l, r, self.kernel_hw[1], self.strides[1], self.dilation[1])))
+
+    def key(self) -> str:
+        (t, b), (l, r) = self.padding
+        kh, kw = self.kernel_hw
+        return (f"depthwise {self.c}x{self.multiplier} {kh}x{kw} stride {self.strides[0]},{self.strides[1]} "
+                f"dilation {self.dilation[0]},{self.dilation[1]} pad {t},{b},{l},{r} on {self.h}x{self.w}")
+
+    #: the rule: one multiply-add of a strided slice per kernel tap (flaxcnn.models.ops.depthwise_taps),
+    #: which XLA fuses, forward and backward. XLA's grouped convolution on CPU runs each group as its
+    #: own small convolution: MobileNetV2's training step at batch 64 took 6.4 s with it and 2.7 s
+    #: with taps (Intel Xeon AVX-512, 2 cores); per layer the taps were 7-50x faster
+    without_kernel = "taps"
+
+    def has_kernel(self, part: str) -> bool:
+        return False  # the C++ kernels have no depthwise code
+
+    def rule(self, part: str) -> str:
+        return self.without_kernel
+
+
+Layer = ConvLayer | PoolLayer | DepthwiseLayer
 
 
 @dataclass(frozen=True)
@@ -147,10 +215,11 @@ class ConvPolicy:
         isa = self.isa or kernels.selected_isa()
         return isa if kernels.available(isa) else None
 
-    def choose(self, layer: ConvLayer | PoolLayer, part: str, candidates: Iterable[str]) -> str:
+    def choose(self, layer: Layer, part: str, candidates: Iterable[str]) -> str:
         """The implementation of ``part`` for ``layer`` among ``candidates`` (the names ops knows):
-        an override for this layer shape and part, else the C++ kernel where it has the part,
-        else the layer kind's XLA formulation."""
+        an override for this layer shape and part, else the rule (``layer.rule``: the C++ kernel
+        where it has the part, else the layer kind's XLA formulation, with the exceptions there),
+        XLA's formulation when the kernels are off."""
         names = list(candidates)
         for key, over_part, impl in self.overrides:
             if key == layer.key() and over_part == part:
@@ -158,7 +227,8 @@ class ConvPolicy:
                     raise ConfigError(f"conv policy {self.source}: {impl!r} cannot run {part} of {key} "
                                       f"here (accepted: {', '.join(n for n in names if n != CPP or layer.has_kernel(part))})")
                 return impl
-        return CPP if layer.rule_uses_kernel(part) and CPP in names else layer.without_kernel
+        rule = layer.rule(part)
+        return rule if rule in names else layer.without_kernel
 
     def describe(self) -> dict[str, Any]:
         """What a run records: the rule, the kernel variant it calls, and any overrides."""
@@ -166,9 +236,15 @@ class ConvPolicy:
             isa = self.kernel_isa()
         except kernels.KernelConfigError as err:
             isa = f"invalid ({err})"
-        return {"source": self.source, "rule": "C++ kernels where they apply (max-pools: where the windows crop the input), XLA elsewhere" if self.kernels
-                else "XLA only", "kernel_isa": isa,
+        return {"source": self.source, "rule": RULE if self.kernels else RULE_WITHOUT_KERNELS, "kernel_isa": isa,
                 "overrides": [{"layer": k, "part": p, "impl": i} for k, p, i in self.overrides]}
+
+
+#: what a run records as the rule (ConvLayer.rule, PoolLayer.rule, DepthwiseLayer.rule)
+RULE = ("C++ kernels where they apply (max-pools: where the windows crop the input); XLA elsewhere, but "
+        "im2col matmuls for maps smaller than the kernel and per-tap multiply-adds for depthwise convolutions")
+RULE_WITHOUT_KERNELS = ("no C++ kernels: XLA, with im2col matmuls for maps smaller than the kernel and per-tap "
+                        "multiply-adds for depthwise convolutions")
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,7 +260,7 @@ class _RecordingPolicy(ConvPolicy):
 
 
 def traced_layers(model: nnx.Module, input_shape: tuple[int, ...], policy: ConvPolicy | None = None
-                  ) -> list[tuple[ConvLayer | PoolLayer, str, str]]:
+                  ) -> list[tuple[Layer, str, str]]:
     """``(layer, part, implementation)`` of every CPU convolution part and max-pool a training
     step of ``model`` on inputs of ``input_shape`` runs under ``policy`` (default: the one its
     layers hold), in call order. Traces the forward and backward pass of a copy of the model
@@ -275,8 +351,9 @@ def load(path: str | os.PathLike) -> ConvPolicy:
             layer, part, impl = str(rule["layer"]), str(rule["part"]), str(rule["impl"])
         except (TypeError, KeyError):
             raise ConfigError(f"{path}: override {i} needs \"layer\", \"part\" and \"impl\", got {rule!r}") from None
-        if part not in CONV_PARTS + POOL_PARTS:
-            raise ConfigError(f"{path}: override {i} has part {part!r}; accepted: {', '.join(CONV_PARTS + POOL_PARTS)}")
+        if part not in CONV_PARTS + POOL_PARTS + DEPTHWISE_PARTS:
+            raise ConfigError(f"{path}: override {i} has part {part!r}; accepted: "
+                              f"{', '.join(CONV_PARTS + POOL_PARTS + DEPTHWISE_PARTS)}")
         overrides.append((layer, part, impl))
     return ConvPolicy(kernels=bool(data.get("kernels", True)), isa=isa, overrides=tuple(overrides), source=str(path))
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 
 from flaxcnn import kernels
-from flaxcnn.models.conv_policy import CONV_PARTS, DEFAULT, ConvLayer, ConvPolicy, PoolLayer
+from flaxcnn.models.conv_policy import CONV_PARTS, DEFAULT, ConvLayer, ConvPolicy, DepthwiseLayer, PoolLayer
 
 #: the layout every flaxcnn convolution uses (see :mod:`flaxcnn.models.layers`)
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
@@ -35,6 +35,9 @@ class Convolution:
     (GPU, TPU) to XLA's convolution. The platform is chosen at lowering
     (``lax.platform_dependent``), not from the default backend, so the same jitted function placed
     on a CPU device of a GPU host, or exported for another platform, gets the right code.
+    A float32 NHWC depthwise convolution (one group per input channel; any stride, padding and
+    dilation) lowers on CPU to :data:`DEPTHWISE`'s implementation the policy names (per-tap
+    multiply-adds by default, :class:`DepthwiseLayer`), elsewhere to XLA's grouped convolution.
     Everything else goes to XLA's convolution unchanged. Frozen and hashable: an ``nnx.Conv``
     holding one keeps it in its static graph, so a policy is part of the traced program.
     """
@@ -45,6 +48,12 @@ class Convolution:
                  rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                  precision=None, **kwargs) -> jax.Array:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # nnx.Conv passes out_sharding=None
+        depthwise = self._depthwise_layer(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                          dimension_numbers, feature_group_count, precision, kwargs)
+        if depthwise is not None:
+            impl = DEPTHWISE[self.policy.choose(depthwise, "depthwise", DEPTHWISE)]
+            return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: impl(x, w, depthwise),
+                                          default=lambda x, w: depthwise_xla(x, w, depthwise))
         if (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
                 and tuple(window_strides) == (1, 1) and jnp.dtype(lhs.dtype) == jnp.float32
                 and jnp.dtype(rhs.dtype) == jnp.float32 and not kwargs
@@ -59,6 +68,25 @@ class Convolution:
                                           default=lambda x, w: xla_conv(x, w, pads, precision))
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
+    @staticmethod
+    def _depthwise_layer(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count, precision, kwargs) -> DepthwiseLayer | None:
+        """The call as a :class:`DepthwiseLayer`, or None when it is not a float32 NHWC/HWIO
+        depthwise convolution with explicit padding."""
+        if not (lhs.ndim == 4 and rhs.ndim == 4 and not kwargs and not isinstance(padding, str)
+                and feature_group_count > 1 and feature_group_count == lhs.shape[-1] and rhs.shape[2] == 1
+                and jnp.dtype(lhs.dtype) == jnp.float32 and jnp.dtype(rhs.dtype) == jnp.float32
+                and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)):
+            return None
+        n, h, w, c = (int(v) for v in lhs.shape)
+        return DepthwiseLayer(n, h, w, c, int(rhs.shape[3]) // c, (int(rhs.shape[0]), int(rhs.shape[1])),
+                              tuple(int(v) for v in window_strides),
+                              tuple(tuple(int(v) for v in p) for p in padding),
+                              tuple(int(v) for v in (rhs_dilation or (1, 1))), precision)
 
 
 #: ``nnx.Conv(..., conv_general_dilated=conv_general_dilated)``: the default policy
@@ -93,13 +121,21 @@ def kernel_grad_cpp(x, g, layer):
     return kernels.conv_kernel_grad(_pad(x, layer.padding), g, layer.kernel_shape, layer.isa)
 
 
-def input_grad_cpp(g, w, layer):
-    """The output gradient, padded so that the result has the input's size, convolved with the
-    kernel flipped in space and with in/out channels swapped."""
+def _input_grad_padding(layer: ConvLayer) -> Padding:
+    """An input gradient is the output gradient, padded by this so that the result has the
+    input's size, convolved with :func:`_flipped` kernel (a negative amount crops)."""
     kh, kw = layer.kernel_shape[:2]
     (t, b), (l, r) = layer.padding
-    gp = _pad(g, ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r)))
-    return kernels.conv_forward(gp, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), layer.isa)
+    return (kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r)
+
+
+def _flipped(w: jax.Array) -> jax.Array:
+    """The HWIO kernel flipped in space, with in and out channels swapped."""
+    return jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+
+
+def input_grad_cpp(g, w, layer):
+    return kernels.conv_forward(_pad(g, _input_grad_padding(layer)), _flipped(w), layer.isa)
 
 
 def forward_xla(x, w, layer):
@@ -125,6 +161,10 @@ def kernel_grad_banded(x, g, layer):
     return jax.vjp(lambda w: banded_conv(x, w, layer.padding, layer.precision), w0)[1](g)[0]
 
 
+def input_grad_banded(g, w, layer):
+    return banded_conv(g, _flipped(w), _input_grad_padding(layer), layer.precision)
+
+
 def kernel_grad_rows(x, g, layer):
     return kernel_grad_by_rows(x, g, layer.kernel_shape, layer.padding, layer.precision)
 
@@ -147,7 +187,7 @@ KERNEL_GRAD: dict[str, Callable] = {"cpp": kernel_grad_cpp, "xla": kernel_grad_x
                                     "xla-split": _split(kernel_grad_xla, "sum"), "rows": kernel_grad_rows,
                                     "banded": kernel_grad_banded}
 INPUT_GRAD: dict[str, Callable] = {"cpp": input_grad_cpp, "xla": input_grad_xla,
-                                   "xla-split": _split(input_grad_xla, "concat")}
+                                   "xla-split": _split(input_grad_xla, "concat"), "banded": input_grad_banded}
 PARTS = {"forward": FORWARD, "kernel_grad": KERNEL_GRAD, "input_grad": INPUT_GRAD}
 
 
@@ -229,7 +269,7 @@ def banded_conv(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tupl
     """
     n, _, _, c = x.shape
     kh, kw, _, o = w.shape
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    xp = _pad(x, padding)
     ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
     wb = band_width(wo, o)
     blocks = -(-wo // wb)
@@ -246,6 +286,44 @@ def banded_conv(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tupl
     out = jnp.matmul(patches, band.reshape(span * kh * c, wb * o), precision=precision)
     out = out.reshape(n, ho, blocks * wb, o)
     return out[:, :, :wo] if blocks * wb > wo else out
+
+
+def depthwise_taps(x: jax.Array, w: jax.Array, layer: DepthwiseLayer) -> jax.Array:
+    """A depthwise convolution (NHWC input, HWIO kernel with I = 1 and ``multiplier`` outputs per
+    channel, output channel ``c * multiplier + m`` from input channel ``c``) as one multiply-add
+    per kernel tap: the padded input's strided slice under tap (i, j) times that tap's weights.
+
+    Why: XLA's CPU backend runs a grouped convolution as many one-channel convolutions; these
+    slices, products and sums are elementwise work XLA fuses into a few loops, and their
+    gradients (pads and strided slices) fuse too. See :class:`DepthwiseLayer` for the figures.
+    The result is the same sum in another order (float32 rounding differs, as between any two
+    convolution implementations)."""
+    kh, kw = layer.kernel_hw
+    (sh, sw), (dh, dw) = layer.strides, layer.dilation
+    ho, wo = layer.out_hw
+    xp = _pad(x, layer.padding)
+    if layer.multiplier > 1:
+        xp = jnp.repeat(xp, layer.multiplier, axis=-1)
+    n, channels = xp.shape[0], xp.shape[-1]
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(xp, (0, i * dh, j * dw, 0),
+                               (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, channels), (1, sh, sw, 1))
+            term = window * w[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def depthwise_xla(x: jax.Array, w: jax.Array, layer: DepthwiseLayer) -> jax.Array:
+    """XLA's grouped convolution (what every platform but CPU runs)."""
+    return lax.conv_general_dilated(x, w, layer.strides, layer.padding, rhs_dilation=layer.dilation,
+                                    dimension_numbers=NHWC_HWIO, feature_group_count=layer.c,
+                                    precision=layer.precision)
+
+
+#: the implementations of a depthwise convolution (forward; the gradients by autodiff)
+DEPTHWISE: dict[str, Callable] = {"taps": depthwise_taps, "xla": depthwise_xla}
 
 
 def kernel_grad_by_rows(x: jax.Array, g: jax.Array, kernel_shape, padding, precision=None) -> jax.Array:

@@ -92,12 +92,13 @@ class ConvLayer:
         """The default rule for ``part``: the C++ kernel wherever there is one (1.3-5x XLA's
         convolution per part on the lab layers; ``flaxcnn tune`` prints the figures for a machine).
 
-        One exception: a layer without a kernel whose map is smaller than its kernel (VGG's and
-        ResNet's 3x3 convolutions on 2x2 and 1x1 maps) runs its forward and input gradient as one
-        im2col matmul (``banded``): XLA's CPU convolution handles those padded windows badly
-        (VGG-11's 512->512 on 2x2 at batch 64, forward: XLA 312 ms, banded 16.7 ms; input
-        gradient 370 ms on XLA; Intel Xeon AVX-512, ``flaxcnn tune``). Its kernel gradient stays
-        on XLA, which is not slow there."""
+        One exception: a layer without a kernel whose map is smaller than its kernel (VGG-11's
+        3x3 convolutions on 2x2 maps at 32x32 input) runs its forward and input gradient as one
+        im2col matmul (``banded``): XLA's CPU convolution handles those mostly-padding windows
+        badly (512->512 on 2x2 at batch 64, forward: XLA 312 ms, banded 16.7 ms on an Intel Xeon
+        with AVX-512; 1,694 against 42 ms, input gradient 1,594 against 52 ms, on an AMD EPYC
+        with AVX2). Its kernel gradient stays on XLA, which is not slow there; on 4x4 maps XLA
+        is as fast (``benchmarks/results/amd-epyc-avx2/rule_exception_parts.txt``)."""
         if self.has_kernel(part):
             return CPP
         kh, kw = self.kernel_shape[:2]
@@ -177,7 +178,8 @@ class DepthwiseLayer:
     #: the rule: one multiply-add of a strided slice per kernel tap (flaxcnn.models.ops.depthwise_taps),
     #: which XLA fuses, forward and backward. XLA's grouped convolution on CPU runs each group as its
     #: own small convolution: MobileNetV2's training step at batch 64 took 6.4 s with it and 2.7 s
-    #: with taps (Intel Xeon AVX-512, 2 cores); per layer the taps were 7-50x faster
+    #: with taps (Intel Xeon AVX-512, 2 cores); per layer's training pass the taps were 4-38x
+    #: faster on an AMD EPYC with AVX2 (benchmarks/results/amd-epyc-avx2/rule_exception_parts.txt)
     without_kernel = "taps"
 
     def has_kernel(self, part: str) -> bool:

@@ -202,3 +202,22 @@ def test_tune_measures_every_part_and_writes_a_policy_the_engine_reads(tmp_path)
     out = np.asarray(conv_policy.apply(get_model("net").build(), loaded)(jnp.ones((2, 3, 32, 32))))
     ref = np.asarray(get_model("net").build()(jnp.ones((2, 3, 32, 32))))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_depthwise_convolution_exported_for_cuda_is_xla_s_grouped_convolution():
+    from jax import export
+
+    layer = _depthwise(strides=(2, 2))
+    x = jnp.ones((layer.n, layer.h, layer.w, layer.c), jnp.float32)
+    w = jnp.ones(layer.kernel_shape, jnp.float32)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ops.NHWC_HWIO)
+
+    def train_pass(x, w):
+        y, pullback = jax.vjp(lambda x, w: ops.conv_general_dilated(x, w, layer.strides, layer.padding,
+                                                                     dimension_numbers=dn,
+                                                                     feature_group_count=layer.c), x, w)
+        return y, pullback(y)
+
+    texts = {p: export.export(jax.jit(train_pass), platforms=[p])(x, w).mlir_module() for p in ("cuda", "cpu")}
+    assert "stablehlo.convolution" in texts["cuda"] and f"feature_group_count = {layer.c}" in texts["cuda"]
+    assert "stablehlo.convolution" not in texts["cpu"]  # the taps: slices, products and sums

@@ -69,7 +69,6 @@ class Convolution:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
 
-
     @staticmethod
     def _depthwise_layer(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                          feature_group_count, precision, kwargs) -> DepthwiseLayer | None:

@@ -120,6 +120,8 @@ def test_as_json_holds_what_parity_json_needs(small_proof):
     assert data["tolerances"]["float64"]["steps"] == 1e-10
     assert data["passed"] is True and data["first_divergent_layer"] is None
     assert data["settings"] == {"steps": 3, "lr": 0.01, "seed": 0}
+    assert data["float32_allowance"] == {"pytorch_error_factor": 2.0, "parts": ["grads", "steps"]}
+    assert all(row["within_pytorch_error"] is None for dtype in DTYPES for row in data[dtype].values())
     assert json.loads(json.dumps(data, allow_nan=False)) == data
 
 
@@ -440,6 +442,47 @@ def test_the_noise_floor_passes_rounding_noise_and_not_a_wrong_small_tensor():
     grads["conv.bias"] = TensorDiff(1e-4, 3e-7)
     row = part_summary(grads, "float32", "grads")
     assert not row["passed"] and row["tensor"] == "conv.bias"
+
+
+def test_pytorchs_own_float32_error_excuses_a_tensor_only_within_twice_it():
+    from flaxcnn.port.proof import PYTORCH_ERROR_FACTOR, over_tolerance, part_summary
+
+    assert PYTORCH_ERROR_FACTOR == 2.0  # the triangle inequality's bound for a port as accurate as PyTorch
+    grads = {
+        "conv.weight": TensorDiff(1e-8, 1.0, pytorch_error=1e-8),
+        # ill-conditioned: 1e-3 over tolerance, but PyTorch's own float32 is 6e-4 from float64
+        "fc.weight": TensorDiff(1e-3, 1.0, pytorch_error=6e-4),
+    }
+    assert over_tolerance(grads, "float32", "grads") == []
+    row = part_summary(grads, "float32", "grads")
+    # the row still names the worst ratio, and says which tensors the allowance passed
+    assert row["passed"] and row["tensor"] == "fc.weight" and row["ratio"] == 1e-3
+    assert row["within_pytorch_error"]["tensors"] == 1 and row["within_pytorch_error"]["tensor"] == "fc.weight"
+    assert row["within_pytorch_error"]["share_of_allowance"] == pytest.approx(1e-3 / 1.2e-3)
+    # more than twice PyTorch's error, no error measured, a NaN, an integer counter: over tolerance
+    for wrong in (TensorDiff(1e-3, 1.0, pytorch_error=4e-4), TensorDiff(1e-3, 1.0),
+                  TensorDiff(float("nan"), 1.0, pytorch_error=1.0), TensorDiff(2.0, 3.0, integer=True, pytorch_error=5.0)):
+        assert over_tolerance({**grads, "bn.x": wrong}, "float32", "grads") == ["bn.x"], wrong
+        row = part_summary({**grads, "bn.x": wrong}, "float32", "grads")
+        assert not row["passed"] and row["tensor"] == "bn.x", row  # a failing tensor is the part's tensor
+
+
+def _float32_kernel_in_bfloat16(model):
+    """A float32-only bug: conv2's kernel rounded to bfloat16 (float64 builds are left exact)."""
+    if model.conv2.kernel[...].dtype == jnp.float32:
+        model.conv2.kernel[...] = model.conv2.kernel[...].astype(jnp.bfloat16).astype(jnp.float32)
+    return model
+
+
+def test_a_float32_only_error_is_not_excused_as_pytorchs_rounding():
+    tmodel, build = _small_pair(_float32_kernel_in_bfloat16)
+    proof = prove(tmodel, build, _input(), steps=2)
+    assert not proof.passed
+    assert all(proof.parts["float64"][part]["passed"] for part in PARTS)
+    for part in ("grads", "steps"):  # the parts the allowance applies to still fail
+        row = proof.parts["float32"][part]
+        assert not row["passed"] and row["within_pytorch_error"] is None, (part, row)
+    assert proof.first_divergent_layer == "conv2", proof.format()
 
 
 # ------------------------------------------------------------------------------- rounding rules

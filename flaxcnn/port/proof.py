@@ -47,6 +47,19 @@ showed (and each tested to still fail a tensor of normal size that is 1% wrong):
   weights in [0.0625, 0.125); float64 agrees to 2e-13). A change 1% wrong is caught once it is
   over ~7e-5 (float32) of its weights' largest magnitude.
 
+float32 rounding the port cannot be blamed for: a deep network's float32 gradients and steps can be
+ill-conditioned (a ReLU decided by rounding on a 1x1 map carries 1/batch of its channel's
+gradient; every later step amplifies what the last one left), and PyTorch's own float32 is then
+farther from the exact result than the tolerance (full-size MobileNetV2 at batch 32, three steps:
+PyTorch float32 against PyTorch float64, 1.07 on a weight's change; SqueezeNet 1.1's vanished stem
+gradient, 6.6e-3). So a float32 ``grads`` or ``steps`` tensor over tolerance passes when the port
+differs from PyTorch by at most :data:`PYTORCH_ERROR_FACTOR` times PyTorch's own float32 error on
+that tensor (max|float32 - float64| of PyTorch's two runs, each with its own decisions): the
+bound a port exactly as accurate as PyTorch's float32 meets. Such tensors are counted under the
+row's ``"within_pytorch_error"`` (``†`` in the report); the row still names the worst ratio. The
+float64 proof has no such allowance, so a wrong conversion still fails at 1e-10, and a
+float32-only error (a weight rounded to bfloat16) is far outside PyTorch's float32 error.
+
 ReLU decisions made by rounding: a ReLU input within rounding of 0 (a ReLU6 input within
 rounding of 0 or 6, a Hardswish's of -3 or 3, ...) can be decided differently by two correct
 forwards, and every gradient upstream then moves by that element's whole contribution. As in
@@ -76,7 +89,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jax
@@ -120,6 +133,17 @@ REDUCTION_ULPS = 8
 #: the change of a tensor is only known to about ``steps * eps * max|w_0|``, so its scale is at
 #: least this many of those over the tolerance
 WEIGHT_ROUNDING_ULPS = 2
+#: float32 ``grads`` and ``steps`` of a deep network can be ill-conditioned: a ReLU decided by
+#: rounding on a 1x1 map carries 1/batch of its channel's gradient, and later steps amplify it, so
+#: PyTorch's own float32 is then farther from the exact (float64) result than the tolerance. A tensor
+#: over tolerance passes when the port differs from PyTorch's float32 by at most this many times
+#: PyTorch's own float32 error on it: if the port is no less accurate than PyTorch's float32
+#: (|port - exact| <= |torch - exact|), the triangle inequality bounds |port - torch| by twice it.
+#: float64 (1e-10, no such allowance) still proves the conversion; this only says float32 rounding
+#: is not the port's doing.
+PYTORCH_ERROR_FACTOR = 2.0
+#: the float32 parts the allowance applies to: those whose error grows with depth and steps
+ACCURACY_PARTS = ("grads", "steps")
 
 #: a 2-D output whose rows' logsumexp are all within this of 0 holds log-probabilities
 LOG_PROB_ATOL = 1e-4
@@ -173,6 +197,7 @@ class Proof:
             "tolerances": {dtype: dict(TOLERANCES[dtype]) for dtype in DTYPES},
             "noise_floor": {"ulps": NOISE_ULPS, "parts": list(FLOORED_PARTS), "reduction_ulps": REDUCTION_ULPS,
                             "weight_rounding_ulps": WEIGHT_ROUNDING_ULPS},
+            "float32_allowance": {"pytorch_error_factor": PYTORCH_ERROR_FACTOR, "parts": list(ACCURACY_PARTS)},
             "relu_replays": {dtype: dict(counts) for dtype, counts in self.relu_replays.items()},
             "float32_vs_float64": {part: _json_row(row) for part, row in self.float32_vs_float64.items()},
             "settings": dict(self.settings),
@@ -188,7 +213,7 @@ class Proof:
                 r = self.parts.get(dtype, {}).get(part)
                 if r is None:
                     continue
-                floored = "*" if r.get("scale", 0.0) > r["max_abs_ref"] else ""
+                floored = ("*" if r.get("scale", 0.0) > r["max_abs_ref"] else "") + ("†" if r.get("within_pytorch_error") else "")
                 rows.append((part, dtype, _num(r["max_abs_diff"]), _num(r["max_abs_ref"]), _num(r["ratio"]) + floored,
                              _num(r["tol"]), r["tensor"] or "-", "PASS" if r["passed"] else "FAIL"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -205,6 +230,13 @@ class Proof:
                          f"max({NOISE_ULPS}, {REDUCTION_ULPS} * sqrt(n)) rounding errors of the layer's largest value "
                          f"(n: the layer's reduction length; steps: at least {WEIGHT_ROUNDING_ULPS} * steps rounding "
                          "errors of the tensor's weights): " + "; ".join(noise))
+        excused = [f"{part} {r['within_pytorch_error']['tensors']} (worst {r['within_pytorch_error']['tensor']}: "
+                   f"{_num(r['within_pytorch_error']['share_of_allowance'])} of the allowance)"
+                   for part in PARTS if (r := self.parts.get("float32", {}).get(part)) and r.get("within_pytorch_error")]
+        if excused:
+            lines.append(f"† float32 tensors over tolerance that differ from PyTorch by at most {PYTORCH_ERROR_FACTOR:g} times "
+                         "PyTorch's own float32 error (max|PyTorch float32 - PyTorch float64|), so passed: "
+                         + "; ".join(excused))
         replays = [f"{dtype} " + ", ".join(f"{part} {n}" for part, n in counts.items())
                    for dtype, counts in self.relu_replays.items() if any(counts.values())]
         if replays:
@@ -249,6 +281,15 @@ class TensorDiff:
     #: the smallest scale this tensor is measured against on its own account (``steps``: the
     #: rounding of the weights its change is computed from); 0 for none
     floor: float = 0.0
+    #: float32 ``grads``/``steps``: max|PyTorch float32 - PyTorch float64| of this tensor, PyTorch's
+    #: own float32 error (:func:`with_pytorch_errors`); None where not measured
+    pytorch_error: float | None = None
+
+
+def within_pytorch_error(d: TensorDiff) -> bool:
+    """Whether a tensor over tolerance is excused by PyTorch's own float32 error: the port differs from
+    PyTorch by at most :data:`PYTORCH_ERROR_FACTOR` times PyTorch's float32 distance from float64."""
+    return d.pytorch_error is not None and not d.integer and d.diff <= PYTORCH_ERROR_FACTOR * d.pytorch_error
 
 
 def tensor_diff(flax_value, torch_value, *, integer: bool = False) -> TensorDiff:
@@ -318,20 +359,31 @@ def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str,
     """A part as the report holds it: its worst tensor (largest ratio; NaN counts as the worst)
     among those measured against their own size, so that ``ratio == max_abs_diff / max_abs_ref``;
     the tensors measured against their layer's noise floor are checked too (``passed``) and the
-    worst of them is under ``"noise_floor"`` (it is the part's tensor when it fails)."""
+    worst of them is under ``"noise_floor"`` (it is the part's tensor when it fails). Tensors over
+    tolerance but within PyTorch's own float32 error pass and are counted under
+    ``"within_pytorch_error"``; a tensor that fails outright is the part's tensor."""
     tol = TOLERANCES[dtype][part]
     row = {"max_abs_diff": 0.0, "max_abs_ref": 0.0, "tensor": None, "ratio": 0.0, "tol": tol, "passed": True,
-           "scale": 0.0, "noise_floor": None}
+           "scale": 0.0, "noise_floor": None, "within_pytorch_error": None}
     if not diffs:
         return row
     measured = ratios(diffs, dtype, part, reductions)
+    over = [k for k, (_, r) in measured.items() if not r <= tol]
+    excused = [k for k in over if within_pytorch_error(diffs[k])]
+    failing = [k for k in over if k not in excused]
     floored = [k for k, (scale, _) in measured.items() if scale > diffs[k].ref]
-    failing = [k for k in floored if not measured[k][1] <= tol]
-    candidates = [k for k in measured if k not in floored] + failing
+    candidates = failing or [k for k in measured if k not in floored]
     name = _worst(measured, candidates or list(measured))
     scale, ratio = measured[name]
     row.update(max_abs_diff=diffs[name].diff, max_abs_ref=diffs[name].ref, tensor=name, ratio=ratio,
-               passed=all(r <= tol for _, r in measured.values()), scale=scale)
+               passed=not failing, scale=scale)
+    if excused:
+        def share(k: str) -> float:  # of the allowance, PYTORCH_ERROR_FACTOR * PyTorch's error
+            return diffs[k].diff / (PYTORCH_ERROR_FACTOR * diffs[k].pytorch_error)
+        worst = max(excused, key=share)
+        row["within_pytorch_error"] = {"tensors": len(excused), "tensor": worst, "max_abs_diff": diffs[worst].diff,
+                                       "pytorch_error": diffs[worst].pytorch_error, "ratio": measured[worst][1],
+                                       "share_of_allowance": share(worst)}
     if floored:
         worst = _worst(measured, floored)
         row["noise_floor"] = {"tensors": len(floored), "tensor": worst, "max_abs_diff": diffs[worst].diff,
@@ -342,9 +394,11 @@ def part_summary(diffs: Mapping[str, TensorDiff], dtype: str, part: str,
 
 def over_tolerance(diffs: Mapping[str, TensorDiff], dtype: str, part: str,
                    reductions: Mapping[str, int] | None = None) -> list[str]:
-    """The tensors of a part whose ratio is over tolerance (or NaN)."""
+    """The tensors of a part whose ratio is over tolerance (or NaN), but for those within PyTorch's
+    own float32 error (:func:`within_pytorch_error`)."""
     tol = TOLERANCES[dtype][part]
-    return [name for name, (_, ratio) in ratios(diffs, dtype, part, reductions).items() if not ratio <= tol]
+    return [name for name, (_, ratio) in ratios(diffs, dtype, part, reductions).items()
+            if not ratio <= tol and not within_pytorch_error(diffs[name])]
 
 
 # ------------------------------------------------------------------------------- the two sides
@@ -598,10 +652,7 @@ class DtypeRun:
     relu_replays: dict[str, int]
     flax_side: SideRun | None = None  # the port's run
     torch_side: SideRun | None = None  # PyTorch's run the gradients and steps were compared against
-
-
-#: the parts :func:`float32_accuracy` measures: those whose float32 error can grow with depth and steps
-ACCURACY_PARTS = ("grads", "steps")
+    torch_own: SideRun | None = None  # PyTorch's run with its own ReLU decisions (none replayed)
 
 
 def float32_accuracy(runs: Mapping[str, DtypeRun], steps: int) -> dict[str, dict]:
@@ -636,6 +687,20 @@ def float32_accuracy(runs: Mapping[str, DtypeRun], steps: int) -> dict[str, dict
     return out
 
 
+def with_pytorch_errors(runs: Mapping[str, DtypeRun]) -> dict[str, dict[str, TensorDiff]]:
+    """float32's differences, its ``grads`` and ``steps`` tensors carrying PyTorch's own float32 error
+    (:data:`PYTORCH_ERROR_FACTOR`): max|float32 - float64| of PyTorch's runs with their own ReLU
+    decisions, i.e. what PyTorch's float32 gives a PyTorch user, against the exact result."""
+    f32, f64 = runs["float32"], runs["float64"]
+    diffs = dict(f32.diffs)
+    for part, attr in (("grads", "grads"), ("steps", "deltas")):
+        own, exact = getattr(f32.torch_own, attr), getattr(f64.torch_side, attr)
+        diffs[part] = {name: d if d.integer or name not in exact else
+                       replace(d, pytorch_error=tensor_diff(own[name], exact[name]).diff)
+                       for name, d in f32.diffs[part].items()}
+    return diffs
+
+
 def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module], x: np.ndarray,
                  dtype: str, loss: Loss, target: np.ndarray, *, steps: int, lr: float, seed: int) -> DtypeRun:
     """Both sides in ``dtype``; where a ReLU is decided differently by rounding (both inputs within the
@@ -661,7 +726,7 @@ def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.
         decisions = replayed.relu_replays
     diffs = compare_runs(flax_run, torch_run, dtype=dtype, steps=steps, replayed=replayed)
     return DtypeRun(diffs, torch_run.draws, flax_run.notes + _relu_notes(decisions), torch_run.reductions, counts,
-                    flax_run, replayed or torch_run)
+                    flax_run, replayed or torch_run, torch_run)
 
 
 def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module],
@@ -694,7 +759,7 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
                 runs[dtype] = _prove_dtype(torch_module, build_flax, x, dtype, loss, target, steps=steps, lr=lr,
                                            seed=seed)
             notes += [f"{dtype}: {n}" for n in runs[dtype].notes]
-    diffs = {dtype: run.diffs for dtype, run in runs.items()}
+    diffs = {"float32": with_pytorch_errors(runs), "float64": runs["float64"].diffs}
     reductions = {dtype: run.reductions for dtype, run in runs.items()}
     parts = {dtype: {part: part_summary(diffs[dtype][part], dtype, part, reductions[dtype]) for part in PARTS}
              for dtype in DTYPES}
@@ -821,6 +886,8 @@ def _first_layer_over_tolerance(torch_module: torch.nn.Module,
     return None
 
 
-__all__ = ["DTYPES", "FLOORED_PARTS", "NOISE_ULPS", "PARTS", "REDUCTION_ULPS", "WEIGHT_ROUNDING_ULPS",
-           "max_pool_near_tie_notes", "noise_floors", "noise_ulps", "ratios", "relu_replay_counts", "weight_rounding_floor", "TOLERANCES", "Proof", "ProofError", "TensorDiff",
-           "choose_loss", "first_divergent_layer", "over_tolerance", "part_summary", "prove", "train_step"]
+__all__ = ["ACCURACY_PARTS", "DTYPES", "FLOORED_PARTS", "NOISE_ULPS", "PARTS", "PYTORCH_ERROR_FACTOR", "REDUCTION_ULPS",
+           "TOLERANCES", "WEIGHT_ROUNDING_ULPS", "Proof", "ProofError", "TensorDiff", "choose_loss",
+           "first_divergent_layer", "max_pool_near_tie_notes", "noise_floors", "noise_ulps", "over_tolerance",
+           "part_summary", "prove", "ratios", "relu_replay_counts", "train_step", "weight_rounding_floor",
+           "with_pytorch_errors", "within_pytorch_error"]

@@ -459,6 +459,12 @@ def test_pytorchs_own_float32_error_excuses_a_tensor_only_within_twice_it():
     assert row["passed"] and row["tensor"] == "fc.weight" and row["ratio"] == 1e-3
     assert row["within_pytorch_error"]["tensors"] == 1 and row["within_pytorch_error"]["tensor"] == "fc.weight"
     assert row["within_pytorch_error"]["share_of_allowance"] == pytest.approx(1e-3 / 1.2e-3)
+    # a tiny tensor judged by its layer's noise floor and over it, but within PyTorch's error: passed,
+    # and the noise-floor entry says so
+    with_tiny = {**grads, "fc.bias": TensorDiff(1e-4, 1e-9, pytorch_error=1e-4)}
+    row = part_summary(with_tiny, "float32", "grads")
+    assert row["passed"] and row["within_pytorch_error"]["tensors"] == 2
+    assert row["noise_floor"]["tensor"] == "fc.bias" and row["noise_floor"]["within_pytorch_error"]
     # more than twice PyTorch's error, no error measured, a NaN, an integer counter: over tolerance
     for wrong in (TensorDiff(1e-3, 1.0, pytorch_error=4e-4), TensorDiff(1e-3, 1.0),
                   TensorDiff(float("nan"), 1.0, pytorch_error=1.0), TensorDiff(2.0, 3.0, integer=True, pytorch_error=5.0)):

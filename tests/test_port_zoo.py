@@ -186,7 +186,8 @@ def assert_parity_file(parity: dict, *, has_buffers: bool) -> None:
                 assert entry["tol"] <= tol, f"{dtype}.{part}: the proof's tolerance {entry['tol']} is looser than {tol}"
             floored = entry.get("noise_floor")  # tensors at rounding noise, measured against their layer's scale
             if floored:
-                assert floored["ratio"] <= tol, f"{dtype}.{part}: {floored['tensor']} over its noise floor: {floored}"
+                assert floored["ratio"] <= tol or (excused and floored["within_pytorch_error"]), \
+                    f"{dtype}.{part}: {floored['tensor']} over its noise floor: {floored}"
 
 
 def assert_port_folder(p: Ported, loss: str) -> None:

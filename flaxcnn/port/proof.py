@@ -51,8 +51,8 @@ float32 rounding the port cannot be blamed for: a deep network's float32 gradien
 ill-conditioned (a ReLU decided by rounding on a 1x1 map carries 1/batch of its channel's
 gradient; every later step amplifies what the last one left), and PyTorch's own float32 is then
 farther from the exact result than the tolerance (full-size MobileNetV2 at batch 32, three steps:
-PyTorch float32 against PyTorch float64, 1.07 on a weight's change; SqueezeNet 1.1's vanished stem
-gradient, 6.6e-3). So a float32 ``grads`` or ``steps`` tensor over tolerance passes when the port
+PyTorch float32 against PyTorch float64, 1.2 of a weight's change; SqueezeNet 1.1's vanished stem
+gradient, 6.7e-3; AMD EPYC, benchmarks/results/port/). So a float32 ``grads`` or ``steps`` tensor over tolerance passes when the port
 differs from PyTorch by at most :data:`PYTORCH_ERROR_FACTOR` times PyTorch's own float32 error on
 that tensor (max|float32 - float64| of PyTorch's two runs, each with its own decisions): the
 bound a port exactly as accurate as PyTorch's float32 meets. Such tensors are counted under the
@@ -67,8 +67,9 @@ the parity suite (:mod:`parity.relu_decisions`), both sides' inputs of these pie
 activations are recorded at every step (the port's through the ``tap`` of its
 :class:`flaxcnn.models.nn.KinkedActivation` layers, inside its jitted step); where they differ
 only within the forward tolerance (relative to the call's largest input) of a kink, PyTorch's
-steps are run again, each step taking the port's decisions of that step (PyTorch's values, the
-derivative of the port's side of the kink), on the same draws. Gradients, buffers and steps are compared against that run, forwards
+steps are run again, each step taking the port's decisions of that step (the port's value and
+the derivative of the port's side of the kink, so a max-pool after it routes as the port's did),
+on the same draws. Gradients, buffers and steps are compared against that run, forwards
 against the first; the count is in ``relu_replays`` (per dtype: ``grads``, ``steps``). A
 decision that differs outside that band is a real difference, never replayed (a note says how
 many). A part's row names its worst tensor among those measured

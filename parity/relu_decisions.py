@@ -25,13 +25,9 @@ same way, in the other direction:
 3. rerun PyTorch with flaxcnn's decision at the tolerated elements (and its own elsewhere), with
    the dropout masks of the recorded run. The gradient check compares against that run.
 
-At those elements PyTorch takes flaxcnn's side of the kink whole: flaxcnn's output value (which
-differs from PyTorch's by less than the band) and the derivative of the piece flaxcnn's input
-fell in. The value matters where a max-pool follows: a ReLU that blocks on PyTorch's side gives
-0, which ties with its window's other zeros, so PyTorch sent the window's gradient to another
-element while flaxcnn's tiny positive value won the window and passed it (with PyTorch's values
-kept, full-size VGG-11-BN's float32 gradients differed by 1.1e-2 on an AMD EPYC; with
-flaxcnn's, by 7e-6). The forward checks are made on the unreplayed run.
+The replay keeps PyTorch's forward values and changes only the derivative at those elements:
+there it is the derivative of the piece flaxcnn's input fell in. The forward checks are made
+on the unreplayed run.
 """
 
 from __future__ import annotations
@@ -188,7 +184,6 @@ class DecisionReplay:
 
     where: list[np.ndarray] = field(default_factory=list)
     passes: list[np.ndarray] = field(default_factory=list)  # flaxcnn's piece (:func:`pieces`; ReLU: 1 passes)
-    inputs: list[np.ndarray] = field(default_factory=list)  # flaxcnn's inputs (NCHW), whose values are taken there
     tolerated: int = 0  # decisions that differ within tolerance of a kink: replayed
     beyond_tolerance: int = 0  # decisions that differ elsewhere: a real difference, not replayed
     largest_beyond: float = 0.0  # the largest |PyTorch input| among those
@@ -224,7 +219,6 @@ def decisions_to_replay(torch_inputs: list[np.ndarray], flax_inputs: list[np.nda
         beyond = differ & ~tolerated
         replay.where.append(tolerated)
         replay.passes.append(f_piece)
-        replay.inputs.append(f)
         replay.tolerated += int(tolerated.sum())
         replay.beyond_tolerance += int(beyond.sum())
         if beyond.any():
@@ -239,24 +233,23 @@ def _derivative(slope, x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def replay_torch_relu_decisions(replay: DecisionReplay):
     """Make PyTorch's ReLU (and other :data:`KINKED`) calls, in order, take flaxcnn's decision
-    where ``replay`` says so: flaxcnn's output value there and the derivative of flaxcnn's piece."""
-    queue = list(zip(replay.where, replay.passes, replay.inputs))
+    where ``replay`` says so: the same output values, the derivative of flaxcnn's piece."""
+    queue = list(zip(replay.where, replay.passes))
 
     def on_call(spec, bound, x):
         if not queue:
             raise RuntimeError("PyTorch called ReLU more often than in the recorded run")
-        where, piece, flax_input = queue.pop(0)
+        where, piece = queue.pop(0)
         if not where.any():
             return None
         out = spec.forward(x, bound)
-        flax_out = spec.forward(torch.from_numpy(np.array(flax_input, dtype=np.float64)).to(x.dtype), bound)
         slopes = spec.slopes(bound)
         piece_t = torch.as_tensor(piece.astype(np.int64))
         derivative = torch.zeros_like(x)
         for index, slope in enumerate(slopes):
             derivative = torch.where(piece_t == index, _derivative(slope, x), derivative)
-        # flaxcnn's value, the derivative of flaxcnn's piece: flax_out + (x - x) * derivative
-        decided = flax_out + (x - x.detach()) * derivative.detach()
+        # the value of ``out``, the derivative of flaxcnn's piece: out + (x - x) * derivative
+        decided = out.detach() + (x - x.detach()) * derivative.detach()
         return torch.where(torch.as_tensor(where), decided, out)
 
     with _KinkMode(on_call):

@@ -67,9 +67,8 @@ the parity suite (:mod:`parity.relu_decisions`), both sides' inputs of these pie
 activations are recorded at every step (the port's through the ``tap`` of its
 :class:`flaxcnn.models.nn.KinkedActivation` layers, inside its jitted step); where they differ
 only within the forward tolerance (relative to the call's largest input) of a kink, PyTorch's
-steps are run again, each step taking the port's decisions of that step (the port's value and
-the derivative of the port's side of the kink, so a max-pool after it routes as the port's did),
-on the same draws. Gradients, buffers and steps are compared against that run, forwards
+steps are run again, each step taking the port's decisions of that step (PyTorch's values, the
+derivative of the port's side of the kink), on the same draws. Gradients, buffers and steps are compared against that run, forwards
 against the first; the count is in ``relu_replays`` (per dtype: ``grads``, ``steps``). A
 decision that differs outside that band is a real difference, never replayed (a note says how
 many). A part's row names its worst tensor among those measured

@@ -550,12 +550,14 @@ class MaxPool2d(nnx.Module):
 
     A square k x k window with stride k, no padding and floor mode runs on flaxcnn's CPU kernels
     under the layer's policy (:func:`flaxcnn.models.ops.max_pool`); the rest by explicit
-    selection (:func:`flaxcnn.models.functional.max_pool_nhwc`).
+    selection (:func:`flaxcnn.models.functional.max_pool_nhwc`). ``tap``: the verification seam of
+    :class:`KinkedActivation`, for the window choices (:mod:`parity.pool_decisions`).
     """
 
     def __init__(self, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
                  dilation: IntPair = 1, return_indices: bool = False, ceil_mode: bool = False, *,
-                 conv_policy: ConvPolicy = DEFAULT):
+                 conv_policy: ConvPolicy = DEFAULT, tap: Callable[[jax.Array], None] | None = None):
+        self.tap = tap
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride") if stride is not None else self.kernel_size
         self.padding = pair(padding, "padding")
@@ -582,6 +584,8 @@ class MaxPool2d(nnx.Module):
         return F.max_pool_nhwc(x, *wins, return_indices=self.return_indices)
 
     def __call__(self, x: jax.Array):
+        if self.tap is not None:
+            self.tap(x)
         return F.on_spatial(self._pool, x, "MaxPool2d")
 
 

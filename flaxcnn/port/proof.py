@@ -71,7 +71,10 @@ steps are run again, each step taking the port's decisions of that step (PyTorch
 derivative of the port's side of the kink), on the same draws. Gradients, buffers and steps are compared against that run, forwards
 against the first; the count is in ``relu_replays`` (per dtype: ``grads``, ``steps``). A
 decision that differs outside that band is a real difference, never replayed (a note says how
-many). A part's row names its worst tensor among those measured
+many). Max-pool windows are replayed the same way (:mod:`parity.pool_decisions`): where the
+two sides' chosen elements are within that band of each other on both sides, PyTorch keeps its
+values and sends the window's gradient to the port's element (``max_pool_replays``); it is what
+a ReLU decided by rounding before a pool needs (VGG-11-BN's float32 gradients, AMD EPYC). A part's row names its worst tensor among those measured
 against their own size (so ``ratio == max_abs_diff / max_abs_ref`` there), unless one measured
 against the floor fails; the worst of those is under the row's ``"noise_floor"``. Where ``scale`` is 0 the
 difference is checked as an absolute one.
@@ -105,6 +108,8 @@ from flaxcnn.port.draws import TorchDraws, replaying
 from flaxcnn.port.near_ties import count_max_pool_near_ties
 from parity.losses import Loss, flax_loss, torch_loss
 from parity.precision import full_precision
+from parity.pool_decisions import (PoolReplay, pool_choices_to_replay, record_flax_pool_inputs,
+                                   record_torch_pool_inputs, replay_torch_pool_choices)
 from parity.relu_decisions import (DecisionReplay, decisions_to_replay, record_flax_relu_inputs,
                                    record_torch_relu_inputs, replay_torch_relu_decisions)
 
@@ -183,6 +188,8 @@ class Proof:
     notes: list[str] = field(default_factory=list)
     #: {dtype: {"grads": n, "steps": m}}: ReLU decisions made by rounding, taken as the port took them
     relu_replays: dict = field(default_factory=dict)
+    #: {dtype: {"grads": n, "steps": m}}: max-pool windows chosen by rounding, routed as the port did
+    max_pool_replays: dict = field(default_factory=dict)
     #: {part: ...}: each float32 side against PyTorch's float64 run (:func:`float32_accuracy`)
     float32_vs_float64: dict = field(default_factory=dict)
 
@@ -199,6 +206,7 @@ class Proof:
                             "weight_rounding_ulps": WEIGHT_ROUNDING_ULPS},
             "float32_allowance": {"pytorch_error_factor": PYTORCH_ERROR_FACTOR, "parts": list(ACCURACY_PARTS)},
             "relu_replays": {dtype: dict(counts) for dtype, counts in self.relu_replays.items()},
+            "max_pool_replays": {dtype: dict(counts) for dtype, counts in self.max_pool_replays.items()},
             "float32_vs_float64": {part: _json_row(row) for part, row in self.float32_vs_float64.items()},
             "settings": dict(self.settings),
             "notes": list(self.notes),
@@ -242,6 +250,11 @@ class Proof:
         if replays:
             lines.append("ReLU decisions made by rounding, replayed into PyTorch as the port took them: "
                          + "; ".join(replays))
+        pools = [f"{dtype} " + ", ".join(f"{part} {n}" for part, n in counts.items())
+                 for dtype, counts in self.max_pool_replays.items() if any(counts.values())]
+        if pools:
+            lines.append("max-pool windows chosen by rounding (near ties), routed in PyTorch as the port chose: "
+                         + "; ".join(pools))
         accuracy = [f"{part}: port {_num(r['port'])} ({r['port_tensor']}; PyTorch {_num(r['pytorch_on_that_tensor'])} "
                     f"there), PyTorch's worst {_num(r['pytorch'])} ({r['pytorch_tensor']})"
                     for part, r in self.float32_vs_float64.items()]
@@ -421,6 +434,8 @@ class SideRun:
     reductions: dict[str, int] = field(default_factory=dict)  # per layer, products per value (torch side)
     relu_inputs: list[list[np.ndarray]] = field(default_factory=list)  # per step, every ReLU input (NCHW)
     relu_replays: list[DecisionReplay] = field(default_factory=list)  # per step, when replayed (torch side)
+    pool_inputs: list[list[np.ndarray]] = field(default_factory=list)  # per step, every max-pool input (NCHW)
+    pool_replays: list[PoolReplay] = field(default_factory=list)  # per step, when replayed (torch side)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -457,7 +472,7 @@ def counting_reductions(model: torch.nn.Module, reductions: dict[str, int]) -> I
 
 def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss: Loss, *, steps: int,
               lr: float, seed: int, flax_relu_inputs: list[list[np.ndarray]] | None = None,
-              relu_band: float = 0.0) -> SideRun:
+              flax_pool_inputs: list[list[np.ndarray]] | None = None, relu_band: float = 0.0) -> SideRun:
     """PyTorch's side on ``model`` (modified: pass a copy): eval forward, then ``steps`` SGD steps.
 
     ``flax_relu_inputs`` (the port's ReLU inputs, per step): each step first runs a copy of the
@@ -475,22 +490,30 @@ def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, los
     draws, train_forward, grads, buffers = [], None, {}, {}
     reductions: dict[str, int] = {}
     relu_inputs: list[list[np.ndarray]] = []
+    pool_inputs: list[list[np.ndarray]] = []
     replays: list[DecisionReplay] = []
+    pool_replays: list[PoolReplay] = []
     for k in range(steps):
-        relus = record_torch_relu_inputs()
+        relus, pools = record_torch_relu_inputs(), record_torch_pool_inputs()
         if flax_relu_inputs is not None:
             with TorchDraws(torch.Generator().manual_seed(step_seed(seed, k))), \
-                    record_torch_relu_inputs() as probe_inputs:
+                    record_torch_relu_inputs() as probe_inputs, record_torch_pool_inputs() as probe_pools:
                 copy.deepcopy(model)(x)  # a copy: its BatchNorm statistics are not the step's
             decision = decisions_to_replay(probe_inputs, flax_relu_inputs[k], atol=0.0, rtol=relu_band)
             replays.append(decision)
             if decision.tolerated:
                 relus = replay_torch_relu_decisions(decision)
+            choices = pool_choices_to_replay(probe_pools, flax_pool_inputs[k] if flax_pool_inputs else [],
+                                             rtol=relu_band)
+            pool_replays.append(choices)
+            pools = replay_torch_pool_choices(choices) if choices.tolerated else nullcontext()
         counting = counting_reductions(model, reductions) if k == 0 else nullcontext()
-        with counting, TorchDraws(torch.Generator().manual_seed(step_seed(seed, k))) as mode, relus as inputs:
+        with counting, TorchDraws(torch.Generator().manual_seed(step_seed(seed, k))) as mode, relus as inputs, \
+                pools as pooled:
             out = model(x)
         draws.append(mode.draws)
         relu_inputs.append(inputs or [])
+        pool_inputs.append(pooled or [])
         opt.zero_grad(set_to_none=True)
         torch_loss(loss, out, target).backward()
         if k == 0:
@@ -505,7 +528,8 @@ def run_torch(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, los
     integers = frozenset(k for k, v in w0.items() if not np.issubdtype(v.dtype, np.floating))
     w0_max = {k: float(np.max(np.abs(v))) if v.size else 0.0 for k, v in w0.items() if k not in integers}
     return SideRun(forward, train_forward, grads, buffers, deltas, draws + [eval_draws], integers=integers,
-                   w0_max=w0_max, reductions=reductions, relu_inputs=relu_inputs, relu_replays=replays)
+                   w0_max=w0_max, reductions=reductions, relu_inputs=relu_inputs, relu_replays=replays,
+                   pool_inputs=pool_inputs, pool_replays=pool_replays)
 
 
 def train_step(graphdef: nnx.GraphDef, loss: Loss, lr: float, *,
@@ -557,7 +581,9 @@ def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, dra
     forward = np.asarray(jax.jit(evaluate)(state, [jnp.asarray(d.nnx_layout()) for d in draws[steps]], x))
     model.train()
     relu_inputs: list[list[np.ndarray]] = []
-    with record_flax_relu_inputs(model) as recorded:  # the taps are in the graphdef the step is jitted on
+    pool_inputs: list[list[np.ndarray]] = []
+    # the taps are in the graphdef the step is jitted on
+    with record_flax_relu_inputs(model) as recorded, record_flax_pool_inputs(model) as pooled:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     step = train_step(graphdef, loss, lr, on_trace=lambda used, given: replays.append(("train", used, given)))
     w0 = _torch_keyed(graphdef, params, rest)
@@ -567,6 +593,8 @@ def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, dra
         params, rest, out, g = step(params, rest, masks, x, target)
         jax.effects_barrier()
         relu_inputs.append(recorded.take())
+        pool_inputs.append(list(pooled))
+        pooled.clear()
         if k == 0:
             train_forward = np.asarray(out)
             grads = {n: v for n, v in _torch_keyed(graphdef, g, rest).items() if n in param_names}
@@ -578,7 +606,8 @@ def run_flax(model: nnx.Module, x: jax.Array, target: jax.Array, loss: Loss, dra
     notes += [f"{mode} mode: PyTorch drew {given} random mask(s) per pass, the port replayed {used} (a random "
              "layer other than flaxcnn's Dropout/Dropout2d/Bernoulli draws its own)"
              for mode, used, given in dict.fromkeys(replays) if used != given]
-    return SideRun(forward, train_forward, grads, buffers, deltas, notes=notes, relu_inputs=relu_inputs)
+    return SideRun(forward, train_forward, grads, buffers, deltas, notes=notes, relu_inputs=relu_inputs,
+                   pool_inputs=pool_inputs)
 
 
 # ------------------------------------------------------------------------------- the proof
@@ -626,9 +655,20 @@ def _with_floor(d: TensorDiff, floor: float) -> TensorDiff:
     return TensorDiff(d.diff, d.ref, d.integer, 0.0 if d.integer else floor)
 
 
-def relu_replay_counts(replays: list[DecisionReplay]) -> dict[str, int]:
-    """ReLU decisions taken as the port took them: in the gradients' pass (step 0) and over the steps."""
+def replay_counts(replays: list[DecisionReplay] | list[PoolReplay]) -> dict[str, int]:
+    """Decisions taken as the port took them: in the gradients' pass (step 0) and over the steps."""
     return {"grads": replays[0].tolerated if replays else 0, "steps": sum(r.tolerated for r in replays)}
+
+
+relu_replay_counts = replay_counts
+
+
+def _pool_notes(choices: list[PoolReplay]) -> list[str]:
+    notes = [f"max-pool choices not paired, none replayed: {c.unpaired}" for c in choices if c.unpaired][:1]
+    beyond = sum(c.beyond_tolerance for c in choices)
+    if beyond:
+        notes.append(f"{beyond} max-pool window(s) choose a different element with no near tie: not replayed")
+    return notes
 
 
 def _relu_notes(decisions: list[DecisionReplay]) -> list[str]:
@@ -654,6 +694,7 @@ class DtypeRun:
     flax_side: SideRun | None = None  # the port's run
     torch_side: SideRun | None = None  # PyTorch's run the gradients and steps were compared against
     torch_own: SideRun | None = None  # PyTorch's run with its own ReLU decisions (none replayed)
+    max_pool_replays: dict[str, int] = field(default_factory=dict)
 
 
 def float32_accuracy(runs: Mapping[str, DtypeRun], steps: int) -> dict[str, dict]:
@@ -719,15 +760,17 @@ def _prove_dtype(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.
     band = TOLERANCES[dtype]["forward"]
     decisions = [decisions_to_replay(t, f, atol=0.0, rtol=band)
                  for t, f in zip(torch_run.relu_inputs, flax_run.relu_inputs)]
-    replayed, counts = None, relu_replay_counts([])
-    if any(d.tolerated for d in decisions):
+    choices = [pool_choices_to_replay(t, f, rtol=band) for t, f in zip(torch_run.pool_inputs, flax_run.pool_inputs)]
+    replayed, counts, pool_counts = None, relu_replay_counts([]), replay_counts([])
+    if any(d.tolerated for d in decisions) or any(c.tolerated for c in choices):
         replayed = run_torch(copy.deepcopy(torch_module).to(_TORCH_DTYPES[dtype]), x_t, target_t, loss, steps=steps,
-                             lr=lr, seed=seed, flax_relu_inputs=flax_run.relu_inputs, relu_band=band)
-        counts = relu_replay_counts(replayed.relu_replays)
-        decisions = replayed.relu_replays
+                             lr=lr, seed=seed, flax_relu_inputs=flax_run.relu_inputs,
+                             flax_pool_inputs=flax_run.pool_inputs, relu_band=band)
+        counts, pool_counts = relu_replay_counts(replayed.relu_replays), replay_counts(replayed.pool_replays)
+        decisions, choices = replayed.relu_replays, replayed.pool_replays
     diffs = compare_runs(flax_run, torch_run, dtype=dtype, steps=steps, replayed=replayed)
-    return DtypeRun(diffs, torch_run.draws, flax_run.notes + _relu_notes(decisions), torch_run.reductions, counts,
-                    flax_run, replayed or torch_run, torch_run)
+    return DtypeRun(diffs, torch_run.draws, flax_run.notes + _relu_notes(decisions) + _pool_notes(choices),
+                    torch_run.reductions, counts, flax_run, replayed or torch_run, torch_run, pool_counts)
 
 
 def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module],
@@ -771,7 +814,8 @@ def prove(torch_module: torch.nn.Module, build_flax: Callable[[Any], nnx.Module]
                                                    runs["float32"].draws, seed=seed, reductions=reductions)
         notes += layer_notes + max_pool_near_tie_notes(torch_module, x, seed=seed)
     return Proof(passed, first, loss, parts, {"steps": steps, "lr": lr, "seed": seed}, notes,
-                 {dtype: run.relu_replays for dtype, run in runs.items()}, float32_accuracy(runs, steps))
+                 {dtype: run.relu_replays for dtype, run in runs.items()},
+                 {dtype: run.max_pool_replays for dtype, run in runs.items()}, float32_accuracy(runs, steps))
 
 
 def max_pool_near_tie_notes(torch_module: torch.nn.Module, x: np.ndarray, *, seed: int) -> list[str]:

@@ -159,7 +159,7 @@ def pool_choices_to_replay(torch_inputs: PoolCalls, flax_inputs: list[np.ndarray
         if t.shape != f.shape or t.ndim != 4:
             replay.unpaired = f"max-pool call {i}: PyTorch input {t.shape}, flaxcnn input {f.shape} (NCHW)"
             return replay
-    for t, f, settings in zip(torch_inputs, flax_inputs, torch_inputs.settings):
+    for t, f, settings in zip(torch_inputs, flax_inputs, getattr(torch_inputs, "settings", [])):
         t64, f64 = t.astype(np.float64), f.astype(np.float64)
         t_choice, f_choice = window_choices(t64, settings), window_choices(f64, settings)
         band = rtol * (float(np.max(np.abs(t64))) if t.size else 0.0)

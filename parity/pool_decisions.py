@@ -31,7 +31,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from flax import nnx
 from torch.overrides import TorchFunctionMode
 
 from flaxcnn.models.nn import MaxPool2d
+from parity.relu_decisions import tapping
 
 _NAMES = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
@@ -116,21 +116,8 @@ def record_flax_pool_inputs(model: nnx.Module):
     block, in call order (NCHW numpy), through each layer's ``tap`` (put back after the block);
     eagerly and under ``jax.jit`` alike (see :func:`parity.relu_decisions.record_flax_relu_inputs`)."""
     inputs: list[np.ndarray] = []
-
-    def keep(value) -> None:
-        value = np.asarray(value)
-        inputs.append(np.transpose(value, (0, 3, 1, 2)) if value.ndim == 4 else value.copy())
-
-    layers = [layer for _, layer in nnx.iter_modules(model) if isinstance(layer, MaxPool2d)]
-    saved = [layer.tap for layer in layers]
-    for layer in layers:
-        layer.tap = lambda x: jax.debug.callback(keep, jax.lax.stop_gradient(x), ordered=True)
-    try:
+    with tapping(model, MaxPool2d, lambda layer: inputs.append):
         yield inputs
-        jax.effects_barrier()
-    finally:
-        for layer, previous in zip(layers, saved):
-            layer.tap = previous
 
 
 @dataclass

@@ -159,19 +159,29 @@ def record_flax_relu_inputs(model: nnx.Module):
     pair and nothing is replayed (:func:`decisions_to_replay` says so).
     """
     inputs = Calls()
+    with tapping(model, KinkedActivation, lambda layer: lambda value, kinks=layer.kinks(): inputs.add(value, kinks)):
+        yield inputs
 
-    def keep(value, kinks) -> None:
-        value = np.asarray(value)
-        inputs.add(np.transpose(value, (0, 3, 1, 2)) if value.ndim == 4 else value.copy(), kinks)
 
-    layers = [layer for _, layer in nnx.iter_modules(model) if isinstance(layer, KinkedActivation)]
+def as_nchw(value) -> np.ndarray:
+    """A concrete value a tap reported, as numpy: a 4-D NHWC map in NCHW, anything else as it is."""
+    value = np.asarray(value)
+    return np.transpose(value, (0, 3, 1, 2)) if value.ndim == 4 else value.copy()
+
+
+@contextmanager
+def tapping(model: nnx.Module, layer_type: type, keeper: Callable[[nnx.Module], Callable[[np.ndarray], None]]):
+    """Give every ``layer_type`` layer of ``model`` a ``tap`` for the block (the previous one is put
+    back after it) that passes its concrete input, in NCHW, to ``keeper(layer)`` through
+    ``jax.debug.callback``: eagerly, under ``nnx.value_and_grad`` and under ``jax.jit`` alike."""
+    layers = [layer for _, layer in nnx.iter_modules(model) if isinstance(layer, layer_type)]
     saved = [layer.tap for layer in layers]
     for layer in layers:
-        kinks = layer.kinks()
-        layer.tap = lambda x, kinks=kinks: jax.debug.callback(
-            lambda v: keep(v, kinks), jax.lax.stop_gradient(x), ordered=True)
+        keep = keeper(layer)
+        layer.tap = lambda x, keep=keep: jax.debug.callback(lambda v: keep(as_nchw(v)), jax.lax.stop_gradient(x),
+                                                            ordered=True)
     try:
-        yield inputs
+        yield
         jax.effects_barrier()
     finally:
         for layer, previous in zip(layers, saved):
